@@ -1,0 +1,340 @@
+"""Pure functional core of the learned optimizer.
+
+``lopt_step(weights, params, grads, state, ...)`` returns new parameters and a new state and
+changes nothing in place, so it composes with ``torch.func`` (``vmap`` over a population of
+meta-weights and of parameter sets is tested against a Python loop).
+
+One step, for the tensors given (callers pass only the tensors that have a gradient):
+
+1. loss features from the running training/validation loss statistics;
+2. gradients clipped to ``clip_mult`` x a running RMS of the gradients;
+3. momentum and second-moment accumulators at several decays;
+4. a per-tensor LSTM reads tensor statistics and messages and emits 17 values per tensor;
+5. a per-element MLP reads 23 per-element columns (scaled by their RMS over the tensor) and
+   31 per-tensor constants, and returns a direction ``d`` and a magnitude ``mag``;
+6. ``p <- p * (1 - lr * weight_decay) - lr * d * exp(magnitude_rate * mag)``.
+
+Steps 2, 3 and 5 have two implementations that must agree: :mod:`learned_opt.reference` (a
+per-tensor loop written straight from the formulas) and :mod:`learned_opt.fast` (all tensors
+together, in bounded chunks). The scalar and per-tensor pieces shared by both live here.
+
+Loss features when losses are missing (our definition; the reference requires a loss):
+  * training-loss feature: 0 on any step called without a (finite) loss; the statistics are
+    then left unchanged;
+  * validation-loss feature: 0 until at least one validation loss *and* one training loss
+    have been seen; afterwards the bias-corrected running mean of validation losses,
+    normalised with the training-loss statistics. Validation losses do not advance the step
+    counter (the reference counts them as steps).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .config import N_SHAPE_DIMS, TIMESCALES, ArchConfig
+
+Number = Union[float, int, Tensor]
+
+
+class TensorState(NamedTuple):
+    """State of one parameter tensor: 10 accumulator floats per element plus LSTM state."""
+
+    mom: Tensor  # (*shape, D) momentum accumulators, one per decay
+    rms: Tensor  # (*shape, D) second-moment accumulators
+    lstm_h: Tensor  # (H,)
+    lstm_c: Tensor  # (H,)
+    from_mlp: Tensor  # (from_mlp,) message the MLP sent for this tensor last step
+
+
+class GlobalState(NamedTuple):
+    """Optimizer-wide state (float64 scalars; counts are stored as floats)."""
+
+    step: Tensor
+    train_mean: Tensor
+    train_var: Tensor
+    train_count: Tensor
+    valid_mean: Tensor
+    valid_var: Tensor
+    valid_count: Tensor
+    clip_t: Tensor
+    clip_value: Tensor
+    from_lstm: Tensor  # (from_lstm,) shared message
+
+
+class LOptState(NamedTuple):
+    glob: GlobalState
+    tensors: List[TensorState]
+
+
+# ---------------------------------------------------------------------------- state
+
+
+def init_global_state(weights: Dict[str, Tensor], cfg: ArchConfig,
+                      device=None) -> GlobalState:
+    dev = device if device is not None else weights["init_from_lstm"].device
+    z = lambda v=0.0: torch.tensor(v, dtype=torch.float64, device=dev)  # noqa: E731
+    return GlobalState(
+        step=z(), train_mean=z(), train_var=z(), train_count=z(),
+        valid_mean=z(), valid_var=z(), valid_count=z(),
+        # the clipper starts as if it had seen one gradient of RMS 1 (first clip: +-clip_mult)
+        clip_t=z(1.0), clip_value=z(1.0 - cfg.clip_decay),
+        from_lstm=weights["init_from_lstm"].detach().to(dev, torch.float64).clone(),
+    )
+
+
+def init_tensor_state(weights: Dict[str, Tensor], cfg: ArchConfig, param: Tensor) -> TensorState:
+    """Fresh state for one parameter (accumulators in fp64 for fp64 params, else fp32)."""
+    dt = compute_dtype([param])
+    dev = param.device
+    return TensorState(
+        mom=torch.zeros(*param.shape, cfg.n_decays, dtype=dt, device=dev),
+        rms=torch.zeros(*param.shape, cfg.n_decays, dtype=dt, device=dev),
+        lstm_h=weights["lstm_h0"].detach().to(dev, dt).clone(),
+        lstm_c=weights["lstm_c0"].detach().to(dev, dt).clone(),
+        from_mlp=weights["init_from_mlp"].detach().to(dev, dt).clone(),
+    )
+
+
+def init_state(weights: Dict[str, Tensor], params: Sequence[Tensor],
+               cfg: Optional[ArchConfig] = None) -> LOptState:
+    cfg = cfg or ArchConfig()
+    dev = params[0].device if len(params) else None
+    return LOptState(init_global_state(weights, cfg, dev),
+                     [init_tensor_state(weights, cfg, p) for p in params])
+
+
+def compute_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    """float64 if any tensor is float64, else float32 (fp16/bf16 are computed in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ---------------------------------------------------------------------- shared pieces
+
+
+def _corrected(value: Tensor, decay: float, count: Tensor) -> Tensor:
+    return value / (1.0 - decay ** count + 1e-8)
+
+
+def normalised_loss(loss: Tensor, g: GlobalState, cfg: ArchConfig) -> Tensor:
+    """(loss - mean) / std with the bias-corrected training statistics, clipped to [-5, 5]."""
+    d = cfg.train_loss_decay
+    mean = _corrected(g.train_mean, d, g.train_count)
+    var = _corrected(g.train_var, d, g.train_count)
+    return torch.clamp((loss - mean) * torch.rsqrt(var + 1e-8), -5.0, 5.0)
+
+
+def update_training_loss(g: GlobalState, loss: Optional[Number], cfg: ArchConfig):
+    """Returns (new global state, training-loss feature). Non-finite losses are ignored."""
+    if loss is None:
+        return g, torch.zeros((), dtype=torch.float64, device=g.step.device)
+    loss = torch.as_tensor(loss, device=g.step.device).detach().to(torch.float64).reshape(())
+    ok = torch.isfinite(loss)
+    safe = torch.where(ok, loss, torch.zeros_like(loss))
+    d = cfg.train_loss_decay
+    mean = d * g.train_mean + (1 - d) * safe
+    var = d * g.train_var + (1 - d) * (mean - safe) ** 2
+    count = g.train_count + 1
+    new = g._replace(train_mean=torch.where(ok, mean, g.train_mean),
+                     train_var=torch.where(ok, var, g.train_var),
+                     train_count=torch.where(ok, count, g.train_count))
+    feat = torch.where(ok, normalised_loss(safe, new, cfg), torch.zeros_like(safe))
+    return new, feat
+
+
+def observe_validation_loss(state: LOptState, loss: Number,
+                            cfg: Optional[ArchConfig] = None) -> LOptState:
+    """Feed one validation loss into the running validation statistics (non-finite: ignored)."""
+    cfg = cfg or ArchConfig()
+    g = state.glob
+    loss = torch.as_tensor(loss, device=g.step.device).detach().to(torch.float64).reshape(())
+    ok = torch.isfinite(loss)
+    safe = torch.where(ok, loss, torch.zeros_like(loss))
+    d = cfg.valid_loss_decay
+    mean = d * g.valid_mean + (1 - d) * safe
+    var = d * g.valid_var + (1 - d) * (mean - safe) ** 2
+    g = g._replace(valid_mean=torch.where(ok, mean, g.valid_mean),
+                   valid_var=torch.where(ok, var, g.valid_var),
+                   valid_count=torch.where(ok, g.valid_count + 1, g.valid_count))
+    return state._replace(glob=g)
+
+
+def validation_feature(g: GlobalState, cfg: ArchConfig) -> Tensor:
+    vmean = _corrected(g.valid_mean, cfg.valid_loss_decay, g.valid_count)
+    feat = normalised_loss(vmean, g, cfg)
+    seen = (g.valid_count > 0) & (g.train_count > 0)
+    return torch.where(seen, feat, torch.zeros_like(feat))
+
+
+def clip_amount(g: GlobalState, cfg: ArchConfig) -> Tensor:
+    return g.clip_value / (1.0 - cfg.clip_decay ** g.clip_t) * cfg.clip_mult
+
+
+def update_clipper(g: GlobalState, mean_sq_per_tensor: Tensor, cfg: ArchConfig) -> GlobalState:
+    """Running average of the RMS of the clipped gradients (mean over tensors of mean(g^2))."""
+    rms = torch.sqrt(1e-8 + mean_sq_per_tensor.to(torch.float64).mean())
+    value = g.clip_value * cfg.clip_decay + rms * (1.0 - cfg.clip_decay)
+    return g._replace(clip_t=g.clip_t + 1, clip_value=value)
+
+
+def clip_log_abs(x: Tensor) -> Tensor:
+    return torch.clamp(torch.log(1e-8 + x.abs()), -5.0, 5.0)
+
+
+def shape_features(shapes: Sequence[torch.Size]) -> List[List[float]]:
+    """log(dim) - 1 for 4 dims per tensor, padded with ones. Tensors of rank > 4 fold their
+    leading dims into the first (the reference stops at rank 4); 0-d tensors are [1, 1, 1, 1].
+    Also returns the is-scalar flag as a fifth value."""
+    out = []
+    for s in shapes:
+        dims = list(s)
+        if len(dims) > N_SHAPE_DIMS:
+            dims = [math.prod(dims[: len(dims) - N_SHAPE_DIMS + 1])] + dims[len(dims) - N_SHAPE_DIMS + 1:]
+        dims = dims + [1] * (N_SHAPE_DIMS - len(dims))
+        out.append([math.log(d) - 1.0 for d in dims] + [1.0 if len(s) == 0 else -1.0])
+    return out
+
+
+def lstm_statistics(raw: Tensor, shapes, train_feat: Tensor, valid_feat: Tensor) -> Tensor:
+    """The 18 per-tensor LSTM statistics.
+
+    ``raw`` is (T, 8): mean and variance of m (over elements and decays), of v and of p, then
+    the sums of squares of p and of the clipped gradient.
+    """
+    mean_m, var_m, mean_v, var_v, mean_p, var_p, ss_p, ss_g = raw.unbind(-1)
+    shp = torch.tensor(shape_features(shapes), dtype=raw.dtype, device=raw.device)
+    T = raw.shape[0]
+    cols = [
+        clip_log_abs(mean_m), torch.sign(mean_m), clip_log_abs(var_m),
+        clip_log_abs(mean_v), torch.sign(mean_v), clip_log_abs(var_v),
+        clip_log_abs(mean_p), torch.sign(mean_p), clip_log_abs(var_p),
+        clip_log_abs(torch.sqrt(ss_p)), clip_log_abs(torch.sqrt(ss_g)),
+        shp[:, 4],
+    ] + [shp[:, j] for j in range(N_SHAPE_DIMS)] + [
+        train_feat.to(raw.dtype).expand(T), valid_feat.to(raw.dtype).expand(T),
+    ]
+    return torch.stack(cols, dim=-1)
+
+
+def lstm_cell(w: Dict[str, Tensor], x: Tensor, h: Tensor, c: Tensor):
+    """One LSTM step on a batch of tensors; forget-gate bias +1."""
+    gates = torch.cat([x, h], dim=-1) @ w["lstm_w"] + w["lstm_b"]
+    i, gg, f, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f + 1.0) * c + torch.sigmoid(i) * torch.tanh(gg)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    return h, c
+
+
+def step_sinusoids(step: Tensor, dtype) -> Tensor:
+    tau = torch.tensor(TIMESCALES, dtype=dtype, device=step.device)
+    return torch.sin(step.to(dtype) / (tau * math.pi))
+
+
+def tensor_constants(step: Tensor, n_tensors: int, ss_p: Tensor, numels: Sequence[int],
+                     to_mlp: Tensor) -> Tensor:
+    """(T, 31) MLP inputs constant over a tensor: step sinusoids, log(#tensors) - 1,
+    log(||p|| + 1e-8), log(numel), and the 17 values from the LSTM."""
+    T, dt = to_mlp.shape[0], to_mlp.dtype
+    sin = step_sinusoids(step, dt).expand(T, -1)
+    count = torch.full((T, 1), math.log(n_tensors) - 1.0, dtype=dt, device=to_mlp.device)
+    log_norm = torch.log(torch.sqrt(ss_p) + 1e-8).unsqueeze(-1)
+    log_n = torch.log(torch.tensor(numels, dtype=dt, device=to_mlp.device)).unsqueeze(-1)
+    return torch.cat([sin, count, log_norm, log_n, to_mlp], dim=-1)
+
+
+def element_columns(g: Tensor, p: Tensor, m: Tensor, v: Tensor, cfg: ArchConfig) -> Tensor:
+    """The 23 per-element MLP columns for flat g, p (n,) and m, v (n, D), before scaling:
+    g, p, log(|p| + 1e-8), m x D, v x D, m/sqrt(v + eps) x D, 1/sqrt(v + eps) x D."""
+    rs = torch.rsqrt(v + cfg.rms_eps)
+    return torch.cat([g.unsqueeze(-1), p.unsqueeze(-1), torch.log(p.abs() + 1e-8).unsqueeze(-1),
+                      m, v, m * rs, rs], dim=-1)
+
+
+def _per_tensor(value, n: int, name: str) -> List:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} tensors")
+        return list(value)
+    return [value] * n
+
+
+# ----------------------------------------------------------------------------- step
+
+
+def lopt_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Sequence[Tensor],
+              state: LOptState, *, loss: Optional[Number] = None,
+              lr: Union[Number, Sequence[Number]] = 1e-3,
+              weight_decay: Union[Number, Sequence[Number]] = 0.0,
+              maximize: bool = False, cfg: Optional[ArchConfig] = None,
+              impl: str = "fast", chunk_size: Optional[int] = None):
+    """One learned-optimizer step. Returns ``(new_params, new_state)``.
+
+    ``params``/``grads``/``state.tensors`` are aligned lists of real tensors; ``lr`` and
+    ``weight_decay`` are numbers or per-tensor sequences. ``impl`` is ``"fast"`` (default) or
+    ``"reference"``. Empty tensors are carried through unchanged and take no part in the
+    statistics.
+    """
+    from . import fast, reference
+
+    cfg = cfg or ArchConfig()
+    if impl == "fast":
+        backend = fast
+    elif impl == "reference":
+        backend = reference
+    else:
+        raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+    n = len(params)
+    if len(grads) != n or len(state.tensors) != n:
+        raise ValueError(f"got {n} params, {len(grads)} grads and {len(state.tensors)} states")
+    lrs = _per_tensor(lr, n, "lr")
+    wds = _per_tensor(weight_decay, n, "weight_decay")
+    active = [i for i in range(n) if params[i].numel() > 0]
+    if not active:
+        return list(params), state
+
+    dt = compute_dtype([params[i] for i in active])
+    w = {k: v.to(dt) for k, v in weights.items()}
+    P = [params[i].to(dt) for i in active]
+    G = [grads[i].to(dt) for i in active]
+    if maximize:
+        G = [-x for x in G]
+    M = [state.tensors[i].mom.to(dt) for i in active]
+    V = [state.tensors[i].rms.to(dt) for i in active]
+    shapes = [params[i].shape for i in active]
+    numels = [params[i].numel() for i in active]
+
+    glob, train_feat = update_training_loss(state.glob, loss, cfg)
+    valid_feat = validation_feature(glob, cfg)
+    amount = clip_amount(glob, cfg).to(dt)
+
+    # steps 2-3 and the per-tensor statistics
+    work, raw = backend.tensor_statistics(P, G, M, V, amount, cfg, chunk_size)
+    glob = update_clipper(glob, raw[:, 7] / torch.tensor(numels, dtype=dt, device=raw.device), cfg)
+
+    # step 4: per-tensor LSTM
+    stats = lstm_statistics(raw, shapes, train_feat, valid_feat)
+    from_mlp = torch.stack([state.tensors[i].from_mlp.to(dt) for i in active])
+    from_lstm = state.glob.from_lstm.to(dt).expand(len(active), -1)
+    h = torch.stack([state.tensors[i].lstm_h.to(dt) for i in active])
+    c = torch.stack([state.tensors[i].lstm_c.to(dt) for i in active])
+    h, c = lstm_cell(w, torch.cat([stats, from_mlp, from_lstm], dim=-1), h, c)
+    to_mlp = h @ w["to_mlp_w"] + w["to_mlp_b"]
+    new_from_lstm = (h @ w["to_shared_w"] + w["to_shared_b"]).mean(0)
+
+    # steps 5-6: per-element MLP and the update
+    consts = tensor_constants(state.glob.step, len(active), raw[:, 6], numels, to_mlp)
+    lr_a = [lrs[i] for i in active]
+    wd_a = [wds[i] for i in active]
+    new_p, messages, new_m, new_v = backend.mlp_update(work, w, consts, lr_a, wd_a, cfg, chunk_size)
+
+    out_params = list(params)
+    out_tensors = list(state.tensors)
+    for j, i in enumerate(active):
+        out_params[i] = new_p[j].to(params[i].dtype)
+        out_tensors[i] = TensorState(mom=new_m[j], rms=new_v[j], lstm_h=h[j], lstm_c=c[j],
+                                     from_mlp=messages[j])
+    glob = glob._replace(step=glob.step + 1, from_lstm=new_from_lstm.to(torch.float64))
+    return out_params, LOptState(glob, out_tensors)

@@ -1,0 +1,129 @@
+"""The meta-network: the weights of the learned optimizer, as an ordinary ``nn.Module``.
+
+The module only *holds* weights; the computation lives in :mod:`learned_opt.functional`, which
+takes the weights as a plain ``dict[str, Tensor]`` so that it can run under ``torch.func.vmap``
+over a population of perturbed weights. ``MetaNetwork.weights()`` returns that dict.
+
+Matrices are stored as ``(fan_in, fan_out)`` so the per-element hot path is ``x @ w``.
+
+    lstm_w (lstm_in + H, 4H), lstm_b (4H,)   one linear map on [input, h] to the gates i, g, f, o
+    lstm_h0, lstm_c0 (H,)                     learnable initial LSTM state (zeros at init)
+    to_mlp_w (H, 17), to_mlp_b                LSTM -> this tensor's MLP
+    to_shared_w (H, 18), to_shared_b          LSTM -> shared message (averaged over tensors)
+    init_from_mlp (16,), init_from_lstm (18,) messages used before the first step
+    mlp_w0 (54, 32) mlp_b0, mlp_w1 (32, 32) mlp_b1, mlp_w2 (32, 18) mlp_b2   the per-parameter MLP
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .config import ArchConfig
+
+
+def parameter_shapes(cfg: ArchConfig) -> Dict[str, tuple]:
+    """Name -> shape of every meta-network tensor, in a fixed order."""
+    H = cfg.lstm_hidden
+    shapes = {
+        "lstm_w": (cfg.lstm_in + H, 4 * H),
+        "lstm_b": (4 * H,),
+        "lstm_h0": (H,),
+        "lstm_c0": (H,),
+        "to_mlp_w": (H, cfg.lstm_to_mlp),
+        "to_mlp_b": (cfg.lstm_to_mlp,),
+        "to_shared_w": (H, cfg.from_lstm),
+        "to_shared_b": (cfg.from_lstm,),
+        "init_from_mlp": (cfg.from_mlp,),
+        "init_from_lstm": (cfg.from_lstm,),
+    }
+    widths = [cfg.mlp_in] + [cfg.mlp_hidden] * cfg.mlp_layers + [cfg.mlp_out]
+    for i in range(len(widths) - 1):
+        shapes[f"mlp_w{i}"] = (widths[i], widths[i + 1])
+        shapes[f"mlp_b{i}"] = (widths[i + 1],)
+    return shapes
+
+
+def _fan_in_normal(shape, generator) -> torch.Tensor:
+    """Truncated normal (at 2 std) with std 1/sqrt(fan_in), the usual variance-scaling init."""
+    fan_in = shape[0]
+    std = 1.0 / math.sqrt(fan_in)
+    t = torch.empty(shape)
+    # Truncation by resampling is awkward with a generator; use the inverse-CDF method.
+    u = torch.rand(shape, generator=generator) * 0.9544997 + 0.0227501  # Phi(-2)..Phi(2)
+    t.copy_(torch.special.ndtri(u) * std / 0.87962566)  # std of N(0,1) truncated at 2
+    return t
+
+
+class MetaNetwork(nn.Module):
+    """Holds the learned optimizer's weights. Build one with :meth:`random` or :meth:`adam_like`,
+    or load one with :func:`learned_opt.weights.load_weights`."""
+
+    def __init__(self, config: Optional[ArchConfig] = None):
+        super().__init__()
+        self.config = config or ArchConfig()
+        for name, shape in parameter_shapes(self.config).items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
+
+    def weights(self) -> Dict[str, torch.Tensor]:
+        """The weights as a name -> tensor dict, the form :mod:`learned_opt.functional` takes."""
+        return {name: p for name, p in self.named_parameters()}
+
+    # ----------------------------------------------------------------- initialisations
+    @classmethod
+    def random(cls, config: Optional[ArchConfig] = None, seed: int = 0) -> "MetaNetwork":
+        """Variance-scaling initialisation, biases zero, LSTM initial state zero.
+
+        This is the reference's initialisation: its update is a random function of the
+        features and does not train anything until meta-trained.
+        """
+        net = cls(config)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name.startswith("init_from"):
+                    p.copy_(_fan_in_normal(p.shape, gen))
+                elif p.dim() == 2:
+                    p.copy_(_fan_in_normal(p.shape, gen))
+                else:
+                    p.zero_()
+        return net
+
+    @classmethod
+    def adam_like(cls, config: Optional[ArchConfig] = None, seed: int = 0,
+                  column: int = None) -> "MetaNetwork":
+        """A hand-built starting point whose update is exactly one normalised input column.
+
+        The first two hidden units of each layer carry ``relu(x)`` and ``relu(-x)`` of the
+        chosen per-element column ``x`` and the direction output is their difference, so
+        ``d == x`` exactly while the magnitude output is 0. By default ``x`` is
+        ``m_0.9 / sqrt(v_0.9 + eps)`` scaled by its RMS over the tensor: a momentum-RMSprop
+        (Adam-like, without bias correction) step whose RMS over each tensor is ``lr``.
+        Every other weight keeps its random initialisation and does not reach ``d`` or the
+        magnitude, so meta-training can start from here without symmetry problems.
+        Not meta-trained.
+        """
+        net = cls.random(config, seed)
+        cfg = net.config
+        if column is None:
+            k = cfg.decays.index(0.9) if 0.9 in cfg.decays else 0
+            column = 3 + 2 * cfg.n_decays + k  # the m_k / sqrt(v_k) block
+        last = cfg.mlp_layers
+        with torch.no_grad():
+            w0, b0 = net.mlp_w0, net.mlp_b0
+            w0[:, :2] = 0.0
+            w0[column, 0], w0[column, 1] = 1.0, -1.0
+            b0[:2] = 0.0
+            for i in range(1, last):
+                w, b = getattr(net, f"mlp_w{i}"), getattr(net, f"mlp_b{i}")
+                w[:, :2] = 0.0
+                w[0, 0] = w[1, 1] = 1.0
+                b[:2] = 0.0
+            w, b = getattr(net, f"mlp_w{last}"), getattr(net, f"mlp_b{last}")
+            w[:, :2] = 0.0
+            w[0, 0], w[1, 0] = 1.0, -1.0
+            b[:2] = 0.0
+        return net

@@ -1,0 +1,268 @@
+"""``LearnedOptimizer``: a thin ``torch.optim.Optimizer`` shell around the functional core.
+
+State layout (a standard optimizer state dict; tensors and numbers only):
+
+* per parameter, created lazily at its first gradient: ``mom`` and ``rms`` (``(*shape, 5)``
+  accumulators, fp32, or fp64 for fp64 parameters), ``lstm_h``, ``lstm_c`` and ``from_mlp``;
+* optimizer-wide values, kept (as ``torch.optim.LBFGS`` does) in the state of the first
+  parameter of the first group: ``step``, the running loss statistics, the gradient clipper,
+  the shared LSTM message ``from_lstm``, ``nonfinite_skips``, and the identity of the
+  meta-network weights (``weights_checksum``, an int, and ``weights_name``, UTF-8 bytes in a
+  uint8 tensor). Loading a state dict made with other weights raises.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Callable, Dict, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional as F
+from .network import MetaNetwork
+from .weights import WeightsInfo, checksum, load_weights
+
+_TENSOR_KEYS = ("mom", "rms", "lstm_h", "lstm_c", "from_mlp")
+_GLOBAL_KEYS = {  # state key -> GlobalState field
+    "step": "step", "train_loss_mean": "train_mean", "train_loss_var": "train_var",
+    "train_loss_count": "train_count", "valid_loss_mean": "valid_mean",
+    "valid_loss_var": "valid_var", "valid_loss_count": "valid_count",
+    "clip_t": "clip_t", "clip_value": "clip_value", "from_lstm": "from_lstm",
+}
+_UNSUPPORTED = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must have exactly one element, got shape {tuple(value.shape)}")
+        v = float(value.detach())
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        raise TypeError(f"{name} must be a float or a one-element Tensor, got {type(value).__name__}")
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"Invalid {name} value: {value} (must be finite and >= 0)")
+
+
+class LearnedOptimizer(Optimizer):
+    """A learned optimizer (per-tensor LSTM + per-parameter MLP) as a drop-in for Adam.
+
+    Args:
+        params: iterable of parameters, of (name, parameter) pairs, or of param-group dicts.
+        lr: multiplier on the network's update (default 1e-3, Adam's scale); ``lr=0`` is a
+            no-op. Read from each param group at every step, so schedulers work.
+        weight_decay: decoupled weight decay, ``p <- p * (1 - lr * weight_decay)``.
+        maximize: maximise the objective instead of minimising it.
+        weights: name of shipped weights (see ``learned_opt.available_weights()``), path to a
+            ``.safetensors`` file, or a :class:`MetaNetwork`. Default: the shipped default.
+        impl: ``"fast"`` (default) or ``"reference"`` (readable, slow; same results).
+        chunk_size: elements per chunk of the fast path (bounds its transient memory).
+
+    ``step(closure=None, *, loss=None)``: the training loss feeds the optimizer's loss
+    features; pass it as ``loss=`` or return it from the closure. Without it the
+    training-loss feature is 0. Feed validation losses with :meth:`report_validation_loss`.
+
+    Non-finite gradients: if any gradient holds NaN or inf, the whole step is skipped
+    (parameters and state untouched), a ``RuntimeWarning`` is issued and the state's
+    ``nonfinite_skips`` counter is incremented.
+    """
+
+    def __init__(self, params, lr: Union[float, Tensor] = 1e-3, weight_decay: float = 0.0, *,
+                 maximize: bool = False, weights: Union[str, MetaNetwork, None] = None,
+                 impl: str = "fast", chunk_size: Optional[int] = None,
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None,
+                 capturable: bool = False, differentiable: bool = False):
+        for flag, val in (("foreach", foreach), ("fused", fused), ("capturable", capturable),
+                          ("differentiable", differentiable)):
+            if val:
+                raise ValueError(f"LearnedOptimizer does not support {flag}=True "
+                                 "(it always processes all tensors together)")
+        if impl not in ("fast", "reference"):
+            raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        _check_number("lr", lr)
+        _check_number("weight_decay", weight_decay)
+        self.impl = impl
+        self.chunk_size = chunk_size
+        self._set_weights(weights)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, maximize=maximize))
+
+    # ------------------------------------------------------------------ weights
+    def _set_weights(self, weights) -> None:
+        if isinstance(weights, MetaNetwork):
+            net = weights
+            tensors = {k: v.detach() for k, v in net.weights().items()}
+            info = WeightsInfo("<in-memory>", checksum(tensors), net.config, None, {})
+        else:
+            net, info = load_weights(weights)
+        self.meta_config = net.config
+        self.weights_info = info
+        self._weights = {k: v.detach().clone() for k, v in net.weights().items()}
+        self._weights_cache: Dict[Any, Dict[str, Tensor]] = {}
+
+    def _weights_on(self, device) -> Dict[str, Tensor]:
+        key = str(device)
+        if key not in self._weights_cache:
+            self._weights_cache[key] = {k: v.to(device) for k, v in self._weights.items()}
+        return self._weights_cache[key]
+
+    # ------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        for flag in _UNSUPPORTED:
+            if param_group.get(flag):
+                raise ValueError(f"LearnedOptimizer does not support {flag}=True")
+        for key in ("lr", "weight_decay"):
+            if key in param_group:
+                _check_number(key, param_group[key])
+        if "maximize" in param_group and not isinstance(param_group["maximize"], bool):
+            raise TypeError("maximize must be a bool")
+        super().add_param_group(param_group)
+
+    # --------------------------------------------------------------- state I/O
+    def _anchor(self) -> Tensor:
+        return self.param_groups[0]["params"][0]
+
+    def _global_state(self, create: bool = True) -> Optional[Dict[str, Any]]:
+        st = self.state[self._anchor()]
+        if "step" not in st:
+            if not create:
+                return None
+            g = F.init_global_state(self._weights, self.meta_config, self._anchor().device)
+            for key, field in _GLOBAL_KEYS.items():
+                st[key] = getattr(g, field)
+            st["nonfinite_skips"] = 0
+            st["weights_checksum"] = self.weights_info.checksum_int
+            st["weights_name"] = torch.tensor(list(self.weights_info.name.encode()), dtype=torch.uint8)
+        return st
+
+    @staticmethod
+    def _to_global(st) -> F.GlobalState:
+        return F.GlobalState(**{field: st[key] for key, field in _GLOBAL_KEYS.items()})
+
+    @staticmethod
+    def _from_global(g: F.GlobalState, st) -> None:
+        for key, field in _GLOBAL_KEYS.items():
+            st[key] = getattr(g, field)
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        # torch.optim casts floating state to each parameter's dtype; our accumulators stay
+        # fp32 for low-precision params and the running statistics fp64, so keep the saved dtypes.
+        saved = state_dict["state"]
+        for st in saved.values():
+            if "weights_checksum" in st and int(st["weights_checksum"]) != self.weights_info.checksum_int:
+                name = bytes(st["weights_name"].tolist()).decode(errors="replace") if "weights_name" in st else "?"
+                raise ValueError(
+                    f"this state dict was made with meta-network weights {name!r} "
+                    f"(checksum {int(st['weights_checksum']):015x}), but this optimizer uses "
+                    f"{self.weights_info.name!r} ({self.weights_info.checksum_int:015x})")
+        originals = {k: dict(v) for k, v in saved.items()}
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            if i in originals:
+                for key, val in originals[i].items():
+                    if isinstance(val, Tensor):
+                        self.state[p][key] = val.to(p.device).clone()
+
+    def __getstate__(self):
+        st = super().__getstate__()
+        st.update(impl=self.impl, chunk_size=self.chunk_size, meta_config=self.meta_config,
+                  weights_info=self.weights_info, _weights=self._weights)
+        return st
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._weights_cache = {}
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def report_validation_loss(self, loss: Union[float, Tensor]) -> None:
+        """Feed one validation loss to the optimizer's validation-loss feature.
+
+        Call it as often as you evaluate (e.g. every few hundred steps); it does not change
+        parameters or advance the step count. Non-finite values are ignored.
+        """
+        st = self._global_state()
+        state = F.LOptState(self._to_global(st), [])
+        state = F.observe_validation_loss(state, loss, self.meta_config)
+        self._from_global(state.glob, st)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, loss=None):
+        """One optimisation step. Returns the loss (the closure's, or the one passed)."""
+        if closure is not None:
+            if loss is not None:
+                raise ValueError("pass the loss either through the closure or as loss=, not both")
+            with torch.enable_grad():
+                loss = closure()
+        if loss is not None:
+            if isinstance(loss, Tensor):
+                if loss.numel() != 1:
+                    raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+                loss_value = loss.detach()
+            else:
+                loss_value = float(loss)
+        else:
+            loss_value = None
+
+        params, grads, owners, lrs, wds, maxs = [], [], [], [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+                if not p.is_floating_point() and not p.is_complex():
+                    raise RuntimeError(f"cannot optimise a parameter of dtype {p.dtype}")
+                if p.is_complex():
+                    pr, g = torch.view_as_real(p), torch.view_as_real(g)
+                else:
+                    pr = p
+                params.append(pr)
+                grads.append(-g if group["maximize"] else g)
+                owners.append(p)
+                lrs.append(group["lr"])
+                wds.append(group["weight_decay"])
+        if not params:
+            return loss
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise RuntimeError(f"LearnedOptimizer needs all parameters on one device, got {devices}")
+
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        glob_st = self._global_state()
+        if not bool(finite):
+            glob_st["nonfinite_skips"] += 1
+            warnings.warn("LearnedOptimizer: non-finite gradient, step skipped "
+                          f"({glob_st['nonfinite_skips']} so far)", RuntimeWarning, stacklevel=2)
+            return loss
+
+        weights = self._weights_on(params[0].device)
+        tstates = []
+        for p, pr in zip(owners, params):
+            st = self.state[p]
+            if "mom" not in st:
+                fresh = F.init_tensor_state(weights, self.meta_config, pr)
+                for key in _TENSOR_KEYS:
+                    st[key] = getattr(fresh, key)
+            tstates.append(F.TensorState(*(st[key] for key in _TENSOR_KEYS)))
+        state = F.LOptState(self._to_global(glob_st), tstates)
+        new_params, new_state = F.lopt_step(
+            weights, params, grads, state, loss=loss_value, lr=lrs, weight_decay=wds,
+            cfg=self.meta_config, impl=self.impl, chunk_size=self.chunk_size)
+        for p, pr, new, ts in zip(owners, params, new_params, new_state.tensors):
+            pr.copy_(new)
+            st = self.state[p]
+            for key in _TENSOR_KEYS:
+                val = getattr(ts, key)
+                st[key] = val if val.dtype == st[key].dtype else val.to(st[key].dtype)
+        self._from_global(new_state.glob, glob_st)
+        return loss

@@ -1,0 +1,73 @@
+"""Readable reference implementation: one tensor at a time, straight from the formulas.
+
+It is the specification the fast path (:mod:`learned_opt.fast`) is tested against; it is not
+meant to be quick. Both expose the same two functions used by
+:func:`learned_opt.functional.lopt_step`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .config import ArchConfig
+from .functional import element_columns
+
+
+class _Work(NamedTuple):
+    params: List[Tensor]
+    grads: List[Tensor]  # clipped
+    mom: List[Tensor]  # updated, (*shape, D)
+    rms: List[Tensor]
+
+
+def _decays(cfg: ArchConfig, like: Tensor) -> Tensor:
+    return torch.tensor(cfg.decays, dtype=like.dtype, device=like.device)
+
+
+def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None):
+    """Clip the gradients, update the accumulators, and return per-tensor statistics
+    (T, 8): mean/var of m, of v, of p, sum of squares of p and of the clipped gradient."""
+    rows, G, M, V = [], [], [], []
+    for p, g, m, v in zip(params, grads, mom, rms):
+        b = _decays(cfg, p)
+        g = torch.clamp(g, -amount, amount)
+        m = b * m + (1 - b) * g.unsqueeze(-1)
+        v = b * v + (1 - b) * (g * g).unsqueeze(-1)
+        rows.append(torch.stack([
+            m.mean(), ((m - m.mean()) ** 2).mean(),
+            v.mean(), ((v - v.mean()) ** 2).mean(),
+            p.mean(), ((p - p.mean()) ** 2).mean(),
+            (p * p).sum(), (g * g).sum(),
+        ]))
+        G.append(g)
+        M.append(m)
+        V.append(v)
+    return _Work(list(params), G, M, V), torch.stack(rows)
+
+
+def mlp(w: Dict[str, Tensor], x: Tensor, cfg: ArchConfig) -> Tensor:
+    """The per-parameter MLP: Linear -> ReLU -> ... -> Linear."""
+    for i in range(cfg.mlp_layers + 1):
+        x = x @ w[f"mlp_w{i}"] + w[f"mlp_b{i}"]
+        if i < cfg.mlp_layers:
+            x = torch.relu(x)
+    return x
+
+
+def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_size=None):
+    """Run the MLP on every element of every tensor and apply the update."""
+    new_params, messages = [], []
+    for j, (p, g, m, v) in enumerate(zip(work.params, work.grads, work.mom, work.rms)):
+        D = cfg.n_decays
+        cols = element_columns(g.reshape(-1), p.reshape(-1), m.reshape(-1, D), v.reshape(-1, D), cfg)
+        cols = cols * torch.rsqrt(cfg.norm_eps + (cols * cols).mean(dim=0, keepdim=True))
+        feats = torch.cat([cols, consts[j].expand(cols.shape[0], -1)], dim=-1)
+        out = mlp(w, feats, cfg)
+        d, mag = out[:, 0], out[:, 1]
+        step = lrs[j] * d * torch.exp(cfg.magnitude_rate * mag)
+        new_params.append(p * (1 - lrs[j] * wds[j]) - step.reshape(p.shape))
+        messages.append(out[:, 2:].mean(dim=0))
+    return new_params, torch.stack(messages), work.mom, work.rms
