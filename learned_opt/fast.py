@@ -83,23 +83,27 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     T = len(numels)
     n = torch.tensor(numels, dtype=dt, device=dev)
 
-    sums = torch.zeros(T, 5, dtype=dt, device=dev)
+    # statistics accumulate in float64, as in the reference (see there why)
+    f64 = torch.float64
+    n64 = n.to(f64)
+    sums = torch.zeros(T, 5, dtype=f64, device=dev)
     for a, bb, seg in plan:
-        pc, gc = p[a:bb], g[a:bb]
-        vals = torch.stack([m[a:bb].sum(-1), v[a:bb].sum(-1), pc, pc * pc, gc * gc], dim=-1)
+        pc, gc = p[a:bb].to(f64), g[a:bb].to(f64)
+        vals = torch.stack([m[a:bb].to(f64).sum(-1), v[a:bb].to(f64).sum(-1), pc, pc * pc,
+                            gc * gc], dim=-1)
         sums = sums.index_add(0, seg, vals)
-    mean_m, mean_v, mean_p = sums[:, 0] / (n * D), sums[:, 1] / (n * D), sums[:, 2] / n
+    mean_m, mean_v, mean_p = sums[:, 0] / (n64 * D), sums[:, 1] / (n64 * D), sums[:, 2] / n64
 
-    cent = torch.zeros(T, 3, dtype=dt, device=dev)
+    cent = torch.zeros(T, 3, dtype=f64, device=dev)
     for a, bb, seg in plan:
         vals = torch.stack([
-            ((m[a:bb] - mean_m[seg].unsqueeze(-1)) ** 2).sum(-1),
-            ((v[a:bb] - mean_v[seg].unsqueeze(-1)) ** 2).sum(-1),
-            (p[a:bb] - mean_p[seg]) ** 2,
+            ((m[a:bb].to(f64) - mean_m[seg].unsqueeze(-1)) ** 2).sum(-1),
+            ((v[a:bb].to(f64) - mean_v[seg].unsqueeze(-1)) ** 2).sum(-1),
+            (p[a:bb].to(f64) - mean_p[seg]) ** 2,
         ], dim=-1)
         cent = cent.index_add(0, seg, vals)
-    raw = torch.stack([mean_m, cent[:, 0] / (n * D), mean_v, cent[:, 1] / (n * D),
-                       mean_p, cent[:, 2] / n, sums[:, 3], sums[:, 4]], dim=-1)
+    raw = torch.stack([mean_m, cent[:, 0] / (n64 * D), mean_v, cent[:, 1] / (n64 * D),
+                       mean_p, cent[:, 2] / n64, sums[:, 3], sums[:, 4]], dim=-1)
     work = _Work(p, g, m, v, [x.shape for x in params], n, plan)
     return work, raw
 

@@ -127,11 +127,19 @@ def normalised_loss(loss: Tensor, g: GlobalState, cfg: ArchConfig) -> Tensor:
     return torch.clamp((loss - mean) * torch.rsqrt(var + 1e-8), -5.0, 5.0)
 
 
+def _as_scalar(loss: Number, device) -> Tensor:
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"a loss must be a scalar, got shape {tuple(loss.shape)}")
+        return loss.detach().to(device, torch.float64).reshape(())
+    return torch.tensor(float(loss), dtype=torch.float64, device=device)
+
+
 def update_training_loss(g: GlobalState, loss: Optional[Number], cfg: ArchConfig):
     """Returns (new global state, training-loss feature). Non-finite losses are ignored."""
     if loss is None:
         return g, torch.zeros((), dtype=torch.float64, device=g.step.device)
-    loss = torch.as_tensor(loss, device=g.step.device).detach().to(torch.float64).reshape(())
+    loss = _as_scalar(loss, g.step.device)
     ok = torch.isfinite(loss)
     safe = torch.where(ok, loss, torch.zeros_like(loss))
     d = cfg.train_loss_decay
@@ -150,7 +158,7 @@ def observe_validation_loss(state: LOptState, loss: Number,
     """Feed one validation loss into the running validation statistics (non-finite: ignored)."""
     cfg = cfg or ArchConfig()
     g = state.glob
-    loss = torch.as_tensor(loss, device=g.step.device).detach().to(torch.float64).reshape(())
+    loss = _as_scalar(loss, g.step.device)
     ok = torch.isfinite(loss)
     safe = torch.where(ok, loss, torch.zeros_like(loss))
     d = cfg.valid_loss_decay
@@ -312,10 +320,10 @@ def lopt_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Seque
 
     # steps 2-3 and the per-tensor statistics
     work, raw = backend.tensor_statistics(P, G, M, V, amount, cfg, chunk_size)
-    glob = update_clipper(glob, raw[:, 7] / torch.tensor(numels, dtype=dt, device=raw.device), cfg)
+    glob = update_clipper(glob, raw[:, 7] / torch.tensor(numels, dtype=raw.dtype, device=raw.device), cfg)
 
     # step 4: per-tensor LSTM
-    stats = lstm_statistics(raw, shapes, train_feat, valid_feat)
+    stats = lstm_statistics(raw, shapes, train_feat, valid_feat).to(dt)
     from_mlp = torch.stack([state.tensors[i].from_mlp.to(dt) for i in active])
     from_lstm = state.glob.from_lstm.to(dt).expand(len(active), -1)
     h = torch.stack([state.tensors[i].lstm_h.to(dt) for i in active])
@@ -325,7 +333,7 @@ def lopt_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Seque
     new_from_lstm = (h @ w["to_shared_w"] + w["to_shared_b"]).mean(0)
 
     # steps 5-6: per-element MLP and the update
-    consts = tensor_constants(state.glob.step, len(active), raw[:, 6], numels, to_mlp)
+    consts = tensor_constants(state.glob.step, len(active), raw[:, 6].to(dt), numels, to_mlp)
     lr_a = [lrs[i] for i in active]
     wd_a = [wds[i] for i in active]
     new_p, messages, new_m, new_v = backend.mlp_update(work, w, consts, lr_a, wd_a, cfg, chunk_size)

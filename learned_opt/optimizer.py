@@ -121,7 +121,14 @@ class LearnedOptimizer(Optimizer):
             if key in param_group:
                 _check_number(key, param_group[key])
         if "maximize" in param_group and not isinstance(param_group["maximize"], bool):
-            raise TypeError("maximize must be a bool")
+            raise ValueError(f"maximize must be a bool, got {param_group['maximize']!r}")
+        params = param_group.get("params")
+        if params is not None and not isinstance(params, (Tensor, set)):
+            params = list(params)
+            param_group = dict(param_group, params=params)
+            tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+            if len({id(t) for t in tensors}) != len(tensors):
+                raise ValueError("a param group contains duplicate parameters")
         super().add_param_group(param_group)
 
     # --------------------------------------------------------------- state I/O

@@ -29,18 +29,21 @@ def _decays(cfg: ArchConfig, like: Tensor) -> Tensor:
 
 def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None):
     """Clip the gradients, update the accumulators, and return per-tensor statistics
-    (T, 8): mean/var of m, of v, of p, sum of squares of p and of the clipped gradient."""
+    (T, 8, float64): mean/var of m, of v, of p, sum of squares of p and of the clipped gradient."""
     rows, G, M, V = [], [], [], []
     for p, g, m, v in zip(params, grads, mom, rms):
         b = _decays(cfg, p)
         g = torch.clamp(g, -amount, amount)
         m = b * m + (1 - b) * g.unsqueeze(-1)
         v = b * v + (1 - b) * (g * g).unsqueeze(-1)
+        # statistics in float64: the log(1e-8 + |mean|) features are very sensitive to the
+        # rounding of a mean that nearly cancels, so both implementations accumulate exactly
+        m64, v64, p64, g64 = m.double(), v.double(), p.double(), g.double()
         rows.append(torch.stack([
-            m.mean(), ((m - m.mean()) ** 2).mean(),
-            v.mean(), ((v - v.mean()) ** 2).mean(),
-            p.mean(), ((p - p.mean()) ** 2).mean(),
-            (p * p).sum(), (g * g).sum(),
+            m64.mean(), ((m64 - m64.mean()) ** 2).mean(),
+            v64.mean(), ((v64 - v64.mean()) ** 2).mean(),
+            p64.mean(), ((p64 - p64.mean()) ** 2).mean(),
+            (p64 * p64).sum(), (g64 * g64).sum(),
         ]))
         G.append(g)
         M.append(m)
