@@ -1,0 +1,103 @@
+"""Command line: ``python -m meta_train {train,eval,plot,families} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def _add_train_args(ap):
+    from .population import UnrollSettings
+    from .trainer import MetaTrainConfig
+    d, u = MetaTrainConfig(), UnrollSettings()
+    ap.add_argument("--out", required=True, help="output folder (checkpoints, log.jsonl, weights)")
+    ap.add_argument("--family", default=d.family, help="task family, or several joined by '+'")
+    ap.add_argument("--scale-augment", action="store_true", help="random per-tensor parameter scales")
+    ap.add_argument("--estimator", choices=["tes", "pes"], default=d.estimator)
+    ap.add_argument("--sigma", type=float, default=d.sigma)
+    ap.add_argument("--pairs", type=int, default=d.pairs, help="antithetic pairs in the population")
+    ap.add_argument("--groups", type=int, default=d.groups, help="tasks trained at once")
+    ap.add_argument("--outer", default=d.outer, help="'adam', 'self', or saved weights (name or path)")
+    ap.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    ap.add_argument("--steps", type=int, default=d.steps, help="outer steps (the budget)")
+    ap.add_argument("--init", default=d.init, help="starting weights: name, path or 'random'")
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    ap.add_argument("--unroll", type=int, default=u.unroll, help="inner steps per truncation")
+    ap.add_argument("--min-horizon", type=int, default=u.min_horizon)
+    ap.add_argument("--max-horizon", type=int, default=u.max_horizon)
+    ap.add_argument("--inner-lr", type=float, default=u.inner_lr)
+    ap.add_argument("--meta-loss", choices=["train", "valid"], default=u.meta_loss)
+    ap.add_argument("--loss-transform", choices=["log", "none"], default=u.loss_transform)
+    ap.add_argument("--valid-every", type=int, default=u.valid_every)
+    ap.add_argument("--loss-prob", type=float, default=u.loss_prob,
+                    help="chance that a truncation passes the training loss to the optimizer")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    ap.add_argument("--workers", type=int, default=1, help="local worker processes (gloo)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds a worker waits for the others")
+
+
+def cmd_train(args):
+    from .distributed import free_port, worker
+    args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "fn"})  # picklable
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+        worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, None)
+    elif args.workers > 1:
+        import torch.multiprocessing as mp
+        mp.spawn(worker, args=(args.workers, args, free_port()), nprocs=args.workers, join=True)
+    else:
+        worker(0, 1, args, None)
+
+
+def cmd_eval(args):
+    from .evaluate import evaluate
+    res = evaluate(args.weights, args.family, args.tasks, args.steps, pass_loss=not args.no_loss)
+    for w, r in res.items():
+        print(f"{w}: mean meta-objective {r['mean_meta_objective']:.4f} over {len(r['tasks'])} "
+              f"held-out tasks ({r['diverged']} diverged)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"family": args.family, "tasks": args.tasks, "steps": args.steps,
+                       "pass_loss": not args.no_loss, "results": res}, f, indent=1)
+
+
+def cmd_plot(args):
+    from .plot import plot_runs
+    plot_runs(args.runs, args.out, labels=args.labels)
+    print(f"wrote {args.out}")
+
+
+def cmd_families(args):
+    from .tasks import family_names
+    print("\n".join(family_names()))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m meta_train", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="meta-train learned-optimizer weights")
+    _add_train_args(tr)
+    tr.set_defaults(fn=cmd_train)
+    ev = sub.add_parser("eval", help="compare weights on held-out tasks of a family")
+    ev.add_argument("weights", nargs="+", help="weights names or paths")
+    ev.add_argument("--family", required=True)
+    ev.add_argument("--tasks", type=int, default=8)
+    ev.add_argument("--steps", type=int, default=300)
+    ev.add_argument("--no-loss", action="store_true", help="do not pass the loss to the optimizer")
+    ev.add_argument("--json", help="write the results here")
+    ev.set_defaults(fn=cmd_eval)
+    pl = sub.add_parser("plot", help="plot meta-training curves (log.jsonl) to PNG")
+    pl.add_argument("runs", nargs="+", help="run folders")
+    pl.add_argument("--out", required=True)
+    pl.add_argument("--labels", nargs="*")
+    pl.set_defaults(fn=cmd_plot)
+    fa = sub.add_parser("families", help="list the built-in task families")
+    fa.set_defaults(fn=cmd_families)
+    args = ap.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

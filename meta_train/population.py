@@ -1,0 +1,172 @@
+"""A group of inner trajectories on one task, unrolled for all population members at once.
+
+A *group* trains ``pairs`` copies of one sampled task (same architecture; each pair has its
+own initialisation and data seed). For an outer step, every pair is evaluated at
+``theta + sigma z`` and ``theta - sigma z``: the ``2 * pairs`` members are stacked and each
+inner step runs as one ``torch.func.vmap`` call over them (task forward/backward and learned
+optimizer step together). Both members of a pair see the same batches.
+
+Truncated ES keeps one state per pair: both members start each truncation from it and the
+positive member's state is kept afterwards. PES keeps one state per member, as its estimate
+needs. State here is what a checkpoint must hold; all randomness is a function of seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+from torch.utils._pytree import tree_map
+
+from learned_opt import ArchConfig
+from learned_opt.functional import (GlobalState, LOptState, TensorState, init_state, lopt_step,
+                                   observe_validation_loss)
+
+from .tasks.base import Task, TaskFamily, _mix, generator
+
+
+def stack(trees: List[Any]):
+    return tree_map(lambda *xs: torch.stack(xs), *trees)
+
+
+def take(tree, idx: Tensor):
+    return tree_map(lambda x: x.index_select(0, idx), tree)
+
+
+@dataclasses.dataclass
+class UnrollSettings:
+    unroll: int = 20  # inner steps per truncation
+    min_horizon: int = 100
+    max_horizon: int = 2000
+    inner_lr: float = 1e-3
+    meta_loss: str = "train"  # "train" or "valid"
+    loss_transform: str = "log"  # "log" or "none": what is averaged over the unroll
+    valid_every: int = 10  # feed a validation loss to the optimizer every k inner steps (0: never)
+    loss_prob: float = 0.8  # chance a truncation passes the training loss to the optimizer
+
+
+def sample_horizon(s: UnrollSettings, *seed: int) -> int:
+    g = generator(*seed)
+    u = torch.rand((), generator=g, dtype=torch.float64).item()
+    return int(round(math.exp(math.log(s.min_horizon) + u * (math.log(s.max_horizon) - math.log(s.min_horizon)))))
+
+
+class Group:
+    """Inner trajectories of ``pairs`` antithetic pairs on one task."""
+
+    def __init__(self, family: TaskFamily, settings: UnrollSettings, lopt_cfg: ArchConfig,
+                 run_seed: int, index: int, pairs: int, per_member: bool):
+        self.family, self.s, self.cfg = family, settings, lopt_cfg
+        self.run_seed, self.index, self.pairs, self.per_member = run_seed, index, pairs, per_member
+        self.resets = 0
+        self.task: Optional[Task] = None
+        self._fns = None
+        self.reset(first=True)
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def members(self) -> int:
+        return 2 * self.pairs if self.per_member else self.pairs
+
+    def reset(self, first: bool = False) -> None:
+        """New task, new initialisations, new horizon. The first horizon of a run is cut at a
+        random point so that the groups do not reset in lockstep."""
+        self.task_seed = _mix(self.run_seed, 1, self.index, self.resets)
+        self.task = self.family.sample(self.task_seed)
+        self._fns = None
+        self.horizon = sample_horizon(self.s, self.run_seed, 2, self.index, self.resets)
+        if first:
+            u = torch.rand((), generator=generator(self.run_seed, 3, self.index), dtype=torch.float64).item()
+            self.horizon = max(self.s.unroll, int(self.horizon * u))
+        self.step = 0
+        self.data_seeds = [_mix(self.task_seed, 4, j) for j in range(self.pairs)]
+        inits = [self.task.init(_mix(self.task_seed, 5, j)) for j in range(self.pairs)]
+        self.names = list(inits[0])
+        params = stack(inits)
+        if self.per_member:
+            params = take(params, torch.arange(self.pairs).repeat_interleave(2))
+        self.params: Dict[str, Tensor] = params
+        self.lstate: Optional[LOptState] = None  # made from each member's weights at first use
+        self.resets += 1
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.horizon
+
+    # --------------------------------------------------------------------- unroll
+    def _functions(self):
+        if self._fns is None:
+            task, names, cfg, lr = self.task, self.names, self.cfg, self.s.inner_lr
+
+            def inner(w, params, lstate, batch, pass_loss: bool):
+                grads, loss = grad_and_value(task.loss)(params, batch)
+                new_p, new_s = lopt_step(w, [params[k] for k in names], [grads[k] for k in names],
+                                         lstate, loss=loss if pass_loss else None, lr=lr, cfg=cfg)
+                return dict(zip(names, new_p)), new_s, loss
+
+            self._fns = {
+                True: vmap(lambda w, p, s, b: inner(w, p, s, b, True)),
+                False: vmap(lambda w, p, s, b: inner(w, p, s, b, False)),
+                "loss": vmap(task.loss),
+                "observe": vmap(lambda s, v: observe_validation_loss(s, v, cfg)),
+                "init": vmap(lambda w, p: init_state(w, [p[k] for k in names], cfg)),
+            }
+        return self._fns
+
+    def _batches(self, split: str, step: int):
+        per_pair = [self.task.batch(split, seed, step) for seed in self.data_seeds]
+        b = stack(per_pair)
+        return tree_map(lambda x: x.repeat_interleave(2, dim=0), b)  # member 2j, 2j+1 <- pair j
+
+    def unroll(self, member_weights: Dict[str, Tensor], pass_loss: bool):
+        """Run one truncation with the stacked weights of the 2*pairs members (order: pair 0
+        +, pair 0 -, pair 1 +, ...). Returns per-member meta-losses (2*pairs,) and the number
+        of inner steps run."""
+        f = self._functions()
+        expand = torch.arange(self.pairs).repeat_interleave(2)
+        params = self.params if self.per_member else take(self.params, expand)
+        if self.lstate is None:
+            lstate = f["init"](member_weights, params)
+        else:
+            lstate = self.lstate if self.per_member else take(self.lstate, expand)
+        transform = torch.log if self.s.loss_transform == "log" else (lambda x: x)
+        total = torch.zeros(2 * self.pairs, dtype=torch.float64)
+        K = self.s.unroll
+        for k in range(K):
+            t = self.step + k
+            params, lstate, loss = f[pass_loss](member_weights, params, lstate, self._batches("train", t))
+            need_valid = self.s.meta_loss == "valid" or (self.s.valid_every and (t + 1) % self.s.valid_every == 0)
+            if need_valid:
+                vloss = f["loss"](params, self._batches("valid", t))
+                if self.s.valid_every and (t + 1) % self.s.valid_every == 0:
+                    lstate = f["observe"](lstate, vloss)
+            meta = vloss if self.s.meta_loss == "valid" else loss
+            total += transform(meta.detach().to(torch.float64))
+        self.step += K
+        finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in params.values()]).all(0)
+        keep = slice(None) if self.per_member else slice(0, None, 2)
+        self.params = take(params, torch.arange(params[self.names[0]].shape[0])[keep])
+        self.lstate = take(lstate, torch.arange(2 * self.pairs)[keep])
+        return total / K, finite
+
+    # --------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain containers of tensors and numbers (loadable with weights_only=True)."""
+        ls = None
+        if self.lstate is not None:
+            ls = {"glob": list(self.lstate.glob), "tensors": [list(t) for t in self.lstate.tensors]}
+        return {"resets": self.resets, "step": self.step, "horizon": self.horizon,
+                "params": dict(self.params), "lstate": ls}
+
+    def load_state_dict(self, sd: Dict[str, Any]) -> None:
+        self.resets = sd["resets"] - 1
+        self.reset()  # rebuild the task of that reset (deterministic from seeds)
+        self.step, self.horizon = sd["step"], sd["horizon"]
+        self.params = dict(sd["params"])
+        ls = sd["lstate"]
+        self.lstate = None if ls is None else LOptState(
+            GlobalState(*ls["glob"]), [TensorState(*t) for t in ls["tensors"]])

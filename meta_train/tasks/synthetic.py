@@ -1,0 +1,104 @@
+"""Synthetic task families: ill-conditioned quadratics, teacher-student regression,
+logistic regression. Data are generated on the fly from (seed, step): nothing to download."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Task, TaskFamily, generator
+
+
+def _log_uniform(g, low, high):
+    return math.exp(math.log(low) + (math.log(high) - math.log(low)) * torch.rand((), generator=g).item())
+
+
+def _choice(g, options):
+    return options[int(torch.randint(0, len(options), (), generator=g).item())]
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+def mlp(sizes, act: str) -> nn.Sequential:
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[act]())
+    return nn.Sequential(*layers)
+
+
+def quadratic(seed: int) -> Task:
+    """0.5 * sum(lambda_i * (x_i - c_i - noise_i)^2), condition number up to 1e4."""
+    g = generator(101, seed)
+    dim = int(_choice(g, [10, 32, 100]))
+    cond = _log_uniform(g, 1.0, 1e4)
+    lam = torch.exp(torch.linspace(0, math.log(cond), dim))[torch.randperm(dim, generator=g)]
+    lam = lam / lam.max()
+    c = torch.randn(dim, generator=g)
+    noise = _log_uniform(g, 1e-3, 1e-1)
+
+    def init(s):
+        return {"x": torch.randn(dim, generator=generator(102, seed, s))}
+
+    def loss(params, batch):
+        (eps,) = batch
+        return 0.5 * (lam * (params["x"] - c - eps) ** 2).sum()
+
+    def batch(split, s, step):
+        return (noise * torch.randn(dim, generator=generator(103, split == "valid", s, step)),)
+
+    return Task(f"quadratic-d{dim}-k{cond:.0e}", init, loss, batch, meta={"family": "quadratic"})
+
+
+def teacher_student(seed: int) -> Task:
+    """An MLP student regresses a random MLP teacher on Gaussian inputs (fresh data each step)."""
+    g = generator(111, seed)
+    d_in = int(_choice(g, [8, 16, 32]))
+    width = int(_choice(g, [16, 32, 64]))
+    depth = int(_choice(g, [1, 2]))
+    act = _choice(g, sorted(ACTIVATIONS))
+    bs = int(_choice(g, [32, 64, 128]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2 ** 31, (), generator=g)))
+        teacher = mlp([d_in, 32, 1], "tanh")
+    noise = 0.05
+
+    def batch_fn(split, s, step):
+        gg = generator(112, split == "valid", s, step)
+        x = torch.randn(bs, d_in, generator=gg)
+        with torch.no_grad():
+            y = teacher(x) + noise * torch.randn(bs, 1, generator=gg)
+        return x, y
+
+    return Task.from_module(f"teacher-student-{act}-w{width}-d{depth}-b{bs}",
+                            lambda: mlp([d_in] + [width] * depth + [1], act),
+                            nn.functional.mse_loss, batch_fn=batch_fn, batch_size=bs,
+                            family="teacher_student")
+
+
+def logistic_regression(seed: int) -> Task:
+    """Binary logistic regression on two Gaussian classes with a random separation."""
+    g = generator(121, seed)
+    dim = int(_choice(g, [10, 50, 200]))
+    bs = int(_choice(g, [32, 128]))
+    w_true = torch.randn(dim, generator=g)
+    w_true = w_true / w_true.norm() * _log_uniform(g, 0.5, 5.0)
+
+    def batch_fn(split, s, step):
+        gg = generator(122, split == "valid", s, step)
+        x = torch.randn(bs, dim, generator=gg)
+        y = (torch.rand(bs, generator=gg) < torch.sigmoid(x @ w_true)).float().unsqueeze(-1)
+        return x, y
+
+    return Task.from_module(f"logreg-d{dim}-b{bs}", lambda: nn.Linear(dim, 1),
+                            nn.functional.binary_cross_entropy_with_logits,
+                            batch_fn=batch_fn, batch_size=bs, family="logistic_regression")
+
+
+QUADRATIC = TaskFamily("quadratic", quadratic)
+TEACHER_STUDENT = TaskFamily("teacher_student", teacher_student)
+LOGISTIC = TaskFamily("logistic_regression", logistic_regression)

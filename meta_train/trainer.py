@@ -1,0 +1,279 @@
+"""The meta-training loop: antithetic truncated ES or PES over a population of inner
+trajectories, an outer optimizer, atomic checkpoints with exact resume, JSON-lines logs, and
+optional data-parallel workers (``torch.distributed``; only scalars are exchanged).
+
+Gradient estimate, with ``z_j ~ N(0, I)`` the direction of pair ``j`` and ``L+-`` its members'
+meta-losses (the mean over the truncation of the transformed inner loss)::
+
+    TES: g = mean_j  z_j (L+_j - L-_j) / (2 sigma)
+    PES: g = mean_j  A_j (L+_j - L-_j) / (2 sigma),  A_j = sum of z_j since the pair's task reset
+
+(``sigma z`` is the perturbation, so this is DESIGN's ``eps (L+ - L-) / (2 sigma^2)``.) Pairs
+whose meta-losses are not finite are left out of the mean and counted; a group whose
+parameters became non-finite is reset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from learned_opt import ArchConfig, MetaNetwork, load_weights, save_weights
+
+from .estimators import PESAccumulator, antithetic_estimate
+from .outer import OuterOptimizer
+from .population import Group, UnrollSettings
+from .tasks import get_family
+from .tasks.base import _mix, generator
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclasses.dataclass
+class MetaTrainConfig:
+    family: str = "mnist1d_mlp"
+    scale_augment: bool = False
+    estimator: str = "pes"  # "tes" or "pes"
+    sigma: float = 0.01
+    pairs: int = 8  # antithetic pairs in the whole population
+    groups: int = 2  # tasks trained at once; pairs are split evenly among them
+    outer: str = "adam"  # "adam", "self", or a name/path of saved weights
+    outer_lr: float = 3e-4
+    steps: int = 200  # outer steps
+    init: str = "adam-like-init-v0"  # starting weights: a name, a path, or "random"
+    seed: int = 0
+    checkpoint_every: int = 10
+    unroll: UnrollSettings = dataclasses.field(default_factory=UnrollSettings)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MetaTrainConfig":
+        raw = json.loads(text)
+        raw["unroll"] = UnrollSettings(**raw["unroll"])
+        return cls(**raw)
+
+    def validate(self) -> None:
+        if self.estimator not in ("tes", "pes"):
+            raise ValueError(f"estimator must be 'tes' or 'pes', got {self.estimator!r}")
+        if self.groups < 1 or self.pairs < self.groups or self.pairs % self.groups:
+            raise ValueError(f"pairs ({self.pairs}) must be a positive multiple of groups ({self.groups})")
+        if not self.sigma > 0:
+            raise ValueError("sigma must be > 0")
+        if self.unroll.meta_loss not in ("train", "valid"):
+            raise ValueError("meta_loss must be 'train' or 'valid'")
+        if self.unroll.loss_transform not in ("log", "none"):
+            raise ValueError("loss_transform must be 'log' or 'none'")
+        if not (self.unroll.min_horizon <= self.unroll.max_horizon):
+            raise ValueError("min_horizon must be <= max_horizon")
+
+
+def initial_theta(init: str) -> Dict[str, Tensor]:
+    net = MetaNetwork.random() if init == "random" else load_weights(init)[0]
+    return {k: v.detach().clone() for k, v in net.weights().items()}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class MetaTrainer:
+    def __init__(self, config: MetaTrainConfig, out_dir: str, resume: bool = False,
+                 rank: int = 0, world: int = 1, progress: bool = True):
+        config.validate()
+        self.c = config
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world = rank, world
+        self.progress = progress and rank == 0
+        self.lopt_cfg = ArchConfig()
+        self.family = get_family(config.family, config.scale_augment)
+        self.theta = initial_theta(config.init)
+        self.names = list(self.theta)
+        self.shapes = [self.theta[k].shape for k in self.names]
+        self.sizes = [self.theta[k].numel() for k in self.names]
+        self.n_theta = sum(self.sizes)
+        self.outer = OuterOptimizer(config.outer, self.theta, config.outer_lr, self.lopt_cfg)
+        per_group = config.pairs // config.groups
+        self.pairs_per_group = per_group
+        self.my_groups = [g for g in range(config.groups) if g % world == rank]
+        self.groups: Dict[int, Group] = {}
+        self.pes = PESAccumulator(config.pairs, self.n_theta) if config.estimator == "pes" else None
+        self.step = 0
+        ckpt = self._ckpt_path()
+        if resume and ckpt.exists():
+            self._load(ckpt)
+        else:
+            if resume and rank == 0:
+                print(f"[meta_train] no checkpoint in {self.out}; starting fresh", file=sys.stderr)
+            for g in self.my_groups:
+                self.groups[g] = self._new_group(g)
+            if rank == 0:
+                (self.out / "config.json").write_text(self.c.to_json())
+                log = self.out / "log.jsonl"
+                if log.exists():
+                    log.unlink()
+
+    def _new_group(self, g: int) -> Group:
+        return Group(self.family, self.c.unroll, self.lopt_cfg, self.c.seed, g,
+                     self.pairs_per_group, per_member=self.c.estimator == "pes")
+
+    # ---------------------------------------------------------------- vectors
+    def _flat(self, d: Dict[str, Tensor]) -> Tensor:
+        return torch.cat([d[k].reshape(-1) for k in self.names])
+
+    def _unflat(self, v: Tensor) -> Dict[str, Tensor]:
+        return {k: x.view(*v.shape[:-1], *s) for k, x, s in
+                zip(self.names, v.split(self.sizes, dim=-1), self.shapes)}
+
+    def directions(self, step: int) -> Tensor:
+        """(pairs, n_theta): the same on every worker (a function of the seed and step)."""
+        return torch.stack([torch.randn(self.n_theta, generator=generator(self.c.seed, 9, step, j))
+                            for j in range(self.c.pairs)])
+
+    # ---------------------------------------------------------------- one step
+    def outer_step(self) -> Dict[str, Any]:
+        c, P = self.c, self.pairs_per_group
+        t0 = time.perf_counter()
+        z = self.directions(self.step)
+        theta_vec = self._flat(self.theta)
+        losses = torch.zeros(c.pairs, 2, dtype=torch.float64)
+        finite = torch.zeros(c.pairs, dtype=torch.float64)
+        resets = torch.zeros(c.groups, dtype=torch.float64)
+        nonfinite_members = torch.zeros((), dtype=torch.float64)
+        inner_steps = torch.zeros((), dtype=torch.float64)
+        for g in self.my_groups:
+            grp = self.groups[g]
+            zj = z[g * P:(g + 1) * P]
+            members = torch.stack([theta_vec + c.sigma * zj, theta_vec - c.sigma * zj], dim=1)
+            members = self._unflat(members.reshape(2 * P, self.n_theta))
+            pass_loss = torch.rand((), generator=generator(c.seed, 10, self.step, g)).item() < c.unroll.loss_prob
+            meta, params_ok = grp.unroll(members, pass_loss)
+            inner_steps += 2 * P * c.unroll.unroll
+            ok = torch.isfinite(meta).view(P, 2).all(1)
+            losses[g * P:(g + 1) * P] = torch.where(torch.isfinite(meta), meta, 0.0).view(P, 2)
+            finite[g * P:(g + 1) * P] = ok.to(torch.float64)
+            nonfinite_members += (~torch.isfinite(meta)).sum() + (~params_ok).sum()
+            if grp.done or not bool(params_ok.all()):
+                resets[g] = 1.0
+        if self.world > 1:
+            packed = torch.cat([losses.flatten(), finite, resets, nonfinite_members.view(1), inner_steps.view(1)])
+            dist.all_reduce(packed)
+            n = c.pairs * 2
+            losses = packed[:n].view(c.pairs, 2)
+            finite = packed[n:n + c.pairs]
+            resets = packed[n + c.pairs:n + c.pairs + c.groups]
+            nonfinite_members, inner_steps = packed[-2], packed[-1]
+
+        # the estimate (identical on every worker)
+        dirs = self.pes.add(z) if self.pes is not None else z
+        grad_vec, est_var, n_ok = antithetic_estimate(dirs, losses[:, 0], losses[:, 1], c.sigma,
+                                                      finite > 0)
+        meta_loss = float(losses[finite > 0].mean()) if n_ok else float("nan")
+        if n_ok:
+            self.outer.step(self.theta, self._unflat(grad_vec.to(torch.float32)), meta_loss)
+
+        # groups that finished their horizon (or went non-finite) start a new task
+        for g in range(c.groups):
+            if resets[g] > 0:
+                if g in self.groups:
+                    self.groups[g].reset()
+                if self.pes is not None:
+                    self.pes.reset(slice(g * P, (g + 1) * P))
+        self.step += 1
+        dt = time.perf_counter() - t0
+        return {"step": self.step, "meta_loss": meta_loss, "grad_norm": float(grad_vec.norm()),
+                "estimator_var": est_var, "nonfinite_pairs": int(c.pairs - n_ok),
+                "nonfinite_members": int(nonfinite_members), "resets": int(resets.sum()),
+                "time": dt, "inner_steps_per_s": float(inner_steps) / dt}
+
+    # ------------------------------------------------------------------ loop
+    def run(self, steps: Optional[int] = None) -> None:
+        total = steps if steps is not None else self.c.steps
+        bar = None
+        if self.progress:
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=total, initial=self.step, desc="meta-train", dynamic_ncols=True)
+            except ImportError:
+                bar = None
+        log = self.out / "log.jsonl"
+        start = time.time()
+        while self.step < total:
+            rec = self.outer_step()
+            rec["wall"] = time.time() - start
+            if self.rank == 0:
+                with open(log, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(meta_loss=f"{rec['meta_loss']:.4f}", nonfinite=rec["nonfinite_pairs"])
+                elif self.progress and (self.step % 10 == 0 or self.step == total):
+                    print(f"[meta_train] step {self.step}/{total} meta_loss {rec['meta_loss']:.4f} "
+                          f"({rec['inner_steps_per_s']:.0f} inner steps/s)", file=sys.stderr, flush=True)
+            if self.step % self.c.checkpoint_every == 0 or self.step == total:
+                self.save()
+        if bar is not None:
+            bar.close()
+
+    # ------------------------------------------------------------ checkpoints
+    def _ckpt_path(self) -> Path:
+        return self.out / f"checkpoint-rank{self.rank}.pt"
+
+    def save(self) -> None:
+        """Write this worker's checkpoint atomically, and (rank 0) the current weights."""
+        obj = {
+            "version": CHECKPOINT_VERSION, "config": self.c.to_json(), "step": self.step,
+            "rank": self.rank, "world": self.world, "theta": {k: v.clone() for k, v in self.theta.items()},
+            "outer": self.outer.state_dict(),
+            "pes_accum": self.pes.total if self.pes is not None else None,
+            "groups": {g: grp.state_dict() for g, grp in self.groups.items()},
+        }
+        _atomic_save(obj, self._ckpt_path())
+        if self.rank == 0:
+            save_weights(self.theta, self.out / "weights.safetensors", f"meta-trained-{self.c.family}",
+                         metadata={"outer_steps": str(self.step), "config": self.c.to_json(),
+                                   "note": "intermediate meta-training weights"})
+
+    def _load(self, path: Path) -> None:
+        try:
+            obj = torch.load(path, weights_only=True)
+        except Exception as e:  # a damaged file must not pass silently
+            raise RuntimeError(f"{path}: cannot read checkpoint: {e}") from None
+        if obj.get("version") != CHECKPOINT_VERSION:
+            raise RuntimeError(f"{path}: checkpoint version {obj.get('version')} is not supported")
+        saved = MetaTrainConfig.from_json(obj["config"])
+        if dataclasses.replace(saved, steps=0) != dataclasses.replace(self.c, steps=0):
+            raise RuntimeError(f"{path}: the checkpoint was made with another configuration "
+                               f"({obj['config']}); only --steps may change on resume")
+        if obj["world"] != self.world:
+            raise RuntimeError(f"{path}: made with {obj['world']} workers, resumed with {self.world}")
+        self.step = obj["step"]
+        with torch.no_grad():
+            for k in self.names:
+                self.theta[k].copy_(obj["theta"][k])
+        self.outer.load_state_dict(obj["outer"])
+        if self.pes is not None:
+            self.pes.total = obj["pes_accum"]
+        for g in self.my_groups:
+            grp = self._new_group(g)
+            grp.load_state_dict(obj["groups"][g])
+            self.groups[g] = grp
+        if self.rank == 0:  # drop log lines written after the checkpoint
+            log = self.out / "log.jsonl"
+            if log.exists():
+                keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+                log.write_text("".join(ln + "\n" for ln in keep))

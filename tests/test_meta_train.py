@@ -1,0 +1,202 @@
+"""Meta-training: task API, exact resume, outer optimizers, non-finite guards, workers."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from learned_opt import load_weights
+from meta_train.population import UnrollSettings
+from meta_train.tasks import Task, TaskFamily, get_family
+from meta_train.trainer import MetaTrainConfig, MetaTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(**kw):
+    unroll = UnrollSettings(unroll=3, min_horizon=6, max_horizon=12, valid_every=2)
+    base = dict(family="teacher_student+logistic_regression", pairs=4, groups=2, steps=6,
+                checkpoint_every=3, unroll=unroll, seed=3)
+    base.update(kw)
+    return MetaTrainConfig(**base)
+
+
+def _records(out):
+    recs = [json.loads(x) for x in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("time", "wall", "inner_steps_per_s")} for r in recs]
+
+
+@pytest.mark.parametrize("estimator,outer", [("pes", "adam"), ("tes", "self")])
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, estimator, outer):
+    cfg = small_config(estimator=estimator, outer=outer)
+    full = MetaTrainer(cfg, tmp_path / "full", progress=False)
+    full.run()
+    assert sum(r["resets"] for r in _records(tmp_path / "full")) > 0, "no task reset exercised"
+
+    part = MetaTrainer(cfg, tmp_path / "part", progress=False)
+    part.run(steps=3)
+    del part
+    resumed = MetaTrainer(cfg, tmp_path / "part", resume=True, progress=False)
+    assert resumed.step == 3
+    resumed.run()
+    for k in full.theta:
+        assert torch.equal(full.theta[k], resumed.theta[k]), k
+    assert _records(tmp_path / "full") == _records(tmp_path / "part")
+    start = load_weights("adam-like-init-v0")[0].weights()
+    assert any(not torch.equal(full.theta[k], start[k]) for k in start)
+
+
+def test_resume_refuses_a_different_configuration(tmp_path):
+    MetaTrainer(small_config(steps=3), tmp_path, progress=False).run()
+    with pytest.raises(RuntimeError, match="another configuration"):
+        MetaTrainer(small_config(sigma=0.05), tmp_path, resume=True, progress=False)
+    # only the budget may change
+    MetaTrainer(small_config(steps=4), tmp_path, resume=True, progress=False).run()
+    assert len(_records(tmp_path)) == 4
+
+
+def test_damaged_checkpoint_fails_loudly(tmp_path):
+    MetaTrainer(small_config(steps=3), tmp_path, progress=False).run()
+    ck = tmp_path / "checkpoint-rank0.pt"
+    ck.write_bytes(ck.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match="cannot read checkpoint"):
+        MetaTrainer(small_config(), tmp_path, resume=True, progress=False)
+
+
+def test_outer_optimizer_from_saved_weights(tmp_path):
+    tr = MetaTrainer(small_config(outer="adam-like-init-v0", steps=2), tmp_path, progress=False)
+    before = {k: v.clone() for k, v in tr.theta.items()}
+    tr.run()
+    assert any(not torch.equal(before[k], tr.theta[k]) for k in before)
+    w, info = load_weights(tmp_path / "weights.safetensors")
+    assert info.metadata["outer_steps"] == "2"
+
+
+def _nan_family():
+    """A task whose loss turns NaN once its parameter leaves (-0.2, 0.2)."""
+    def sample(seed):
+        def init(s):
+            return {"x": torch.full((3,), 0.15)}
+
+        def loss(params, batch):
+            x = params["x"]
+            return (x ** 2).sum() + torch.where(x.abs().max() > 0.2, torch.tensor(float("nan")), torch.tensor(0.0))
+
+        return Task("nan-task", init, loss, lambda split, s, step: (torch.zeros(1),))
+    return TaskFamily("nan", sample)
+
+
+def test_nonfinite_losses_are_counted_and_dropped(tmp_path, monkeypatch):
+    import meta_train.trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod, "get_family", lambda name, aug=False: _nan_family())
+    cfg = small_config(family="nan", steps=3)
+    cfg.unroll.inner_lr = 0.1  # large steps leave the safe region quickly
+    tr = MetaTrainer(cfg, tmp_path, progress=False)
+    tr.run()
+    recs = _records(tmp_path)
+    assert any(r["nonfinite_pairs"] > 0 for r in recs)
+    assert any(r["resets"] > 0 for r in recs)
+    assert all(torch.isfinite(v).all() for v in tr.theta.values())
+
+
+def test_unknown_family_and_missing_extra(monkeypatch):
+    with pytest.raises(ValueError, match="unknown task family"):
+        get_family("imagenet")
+    import builtins
+    import meta_train.tasks.mnist1d as m
+    m.load_mnist1d.cache_clear()
+    real_import = builtins.__import__
+
+    def fake(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name.startswith("mnist1d"):
+            raise ImportError("no")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(ImportError, match=r"learned_opt\[data\]"):
+        get_family("mnist1d_mlp").sample(0)
+    m.load_mnist1d.cache_clear()
+
+
+def test_readme_private_task_set_runs(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- private-task-example -->")
+    block = text[start:].split("```python", 1)[1].split("```", 1)[0]
+    assert len(block.strip().splitlines()) <= 30
+    ns = {}
+    exec(compile(block, "README-example", "exec"), ns)
+    fam = ns["family"]
+    task = fam.sample(0)
+    params = task.init(0)
+    assert torch.isfinite(task.loss(params, task.batch("train", 0, 0)))
+    tr = MetaTrainer(small_config(steps=2), tmp_path, progress=False)
+    tr.family = fam
+    tr.groups = {g: tr._new_group(g) for g in tr.my_groups}
+    tr.run()
+
+
+# ------------------------------------------------------------------------ several workers
+
+CLI = [sys.executable, "-m", "meta_train", "train", "--family", "teacher_student", "--pairs", "4",
+       "--groups", "2", "--unroll", "3", "--min-horizon", "6", "--max-horizon", "12",
+       "--checkpoint-every", "2", "--seed", "5", "--threads", "1"]
+
+
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _theta(out):
+    return load_weights(Path(out) / "weights.safetensors")[1].checksum
+
+
+def test_two_workers_reach_the_same_meta_parameters_as_one(tmp_path):
+    one = _run(["--out", str(tmp_path / "one"), "--steps", "4"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _run(["--out", str(tmp_path / "two"), "--steps", "4", "--workers", "2"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert _theta(tmp_path / "one") == _theta(tmp_path / "two")
+    assert (tmp_path / "two" / "checkpoint-rank1.pt").exists()
+
+
+def _children(pid):
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids = (task / "children").read_text().split()
+        out += [int(k) for k in kids]
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs /proc")
+def test_a_dying_worker_fails_the_run_and_resume_recovers(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(CLI + ["--out", str(out), "--steps", "400", "--workers", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    kids = [k for k in _children(proc.pid)]
+    workers = [k for k in kids if "spawn" in Path(f"/proc/{k}/cmdline").read_text()
+               or "multiprocessing" in Path(f"/proc/{k}/cmdline").read_text()]
+    assert workers, kids
+    os.kill(workers[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "a dead worker must fail the run"
+    assert "terminated" in err or "exit" in err.lower() or "signal" in err.lower(), err[-2000:]
+    done = len(log.read_text().splitlines())
+    assert done < 400
+    again = _run(["--out", str(out), "--steps", str(done + 2), "--workers", "2", "--resume"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps == list(range(1, done + 3))
