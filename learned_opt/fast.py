@@ -1,22 +1,35 @@
-"""Fast implementation: every tensor of the step handled together, in bounded chunks.
+"""Fast implementation of the two per-element passes, tested equal to :mod:`learned_opt.reference`.
 
-All tensors are laid end to end in one flat index space. Per-tensor reductions are segment
-sums (``index_add`` with the tensor id of each element) over chunks of at most ``chunk_size``
-elements, so no feature matrix is larger than ``chunk_size x 32`` whatever the model size.
-Compared with :mod:`learned_opt.reference` it:
+Work is cut into chunks of at most ``chunk_size`` elements, so no temporary is larger than
+``chunk_size x 32`` values whatever the model size:
 
-* folds the 31 per-tensor constant inputs into a per-tensor first-layer bias;
+* a *large* tensor (at least ``min(chunk_size, SMALL)`` elements) is walked in chunks of its
+  own flat view; per-tensor reductions are plain sums and per-tensor values broadcast, so the
+  hot loop has no gather or scatter;
+* all *small* tensors (biases, norms, ...) are packed end to end and walked together; their
+  per-tensor reductions are segment sums (``index_add``) over the tensor id of each element.
+
+The Python loop is over chunks, not over tensors or elements. Compared with the reference it:
+
+* folds each tensor's column normalisation into its own copy of the first-layer weights and
+  the 31 per-tensor constant inputs into its first-layer bias (``addmm`` with a bias row);
 * computes only the two per-element outputs (direction, magnitude); the 16 message outputs
-  are a linear map of the tensor mean of the last hidden layer, so they are obtained from
-  that mean (exact by linearity);
-* makes three cheap passes for statistics (means; centred variances and column scales)
-  before the MLP pass.
+  are a linear map of the tensor mean of the last hidden layer, so they come from that mean
+  (exact by linearity);
+* with ``inplace=True`` (what :class:`~learned_opt.LearnedOptimizer` uses) updates the
+  accumulators and the parameters in place, chunk by chunk, so the only memory beyond the
+  state is one chunk's temporaries. The functional default (used under ``vmap`` by
+  meta-training) returns new tensors.
+
+Two passes read the accumulators: the first updates them and takes the per-tensor statistics
+(float64 sums, second moments centred per chunk and combined across chunks, and the mean
+square of every MLP column); the second runs the MLP and the update.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -24,128 +37,248 @@ from torch import Tensor
 from .config import ArchConfig
 from .functional import element_columns
 
-DEFAULT_CHUNK = 1 << 16
+DEFAULT_CHUNK = 1 << 14
+SMALL = 4096  # tensors with fewer elements than this (or than the chunk) are packed together
 
 
-class _Work(NamedTuple):
-    p: Tensor  # (N,)
-    g: Tensor  # (N,) clipped
-    m: Tensor  # (N, D) updated
-    v: Tensor  # (N, D)
-    shapes: List[torch.Size]
-    numels: Tensor  # (T,)
-    chunks: Tuple
+class _Plan(NamedTuple):
+    large: Tuple[Tuple[int, int, int], ...]  # (tensor, start, stop) chunks of large tensors
+    small: Tuple[int, ...]  # ids of the packed tensors, in pack order
+    # (start, stop, tensor id per element, ids of the tensors present) of chunks of the pack
+    packed: Tuple[Tuple[int, int, Tensor, Tensor], ...]
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_plan(numels: Tuple[int, ...], chunk: int, device: str):
-    """[(start, stop, tensor id of each element in [start, stop))] covering all elements."""
-    total = sum(numels)
-    ids, bounds, offsets = [], [], [0]
-    for n in numels:
-        offsets.append(offsets[-1] + n)
-    for a in range(0, total, chunk):
-        b = min(a + chunk, total)
-        bounds.append((a, b))
-    for a, b in bounds:
-        # tensors overlapping [a, b)
-        pieces, t = [], 0
-        while offsets[t + 1] <= a:
-            t += 1
-        while t < len(numels) and offsets[t] < b:
-            lo, hi = max(a, offsets[t]), min(b, offsets[t + 1])
-            if hi > lo:
-                pieces.append((t, hi - lo))
-            t += 1
-        seg = torch.repeat_interleave(torch.tensor([t for t, _ in pieces]),
-                                      torch.tensor([k for _, k in pieces])).to(device)
-        ids.append((a, b, seg))
-    return tuple(ids)
+def _plan(numels: Tuple[int, ...], chunk: int, device: str) -> _Plan:
+    cut = min(chunk, SMALL)
+    large, small = [], []
+    for t, n in enumerate(numels):
+        if n >= cut:
+            large.extend((t, a, min(a + chunk, n)) for a in range(0, n, chunk))
+        else:
+            small.append(t)
+    ids = torch.repeat_interleave(torch.tensor(small, dtype=torch.long),
+                                  torch.tensor([numels[t] for t in small], dtype=torch.long))
+    packed = tuple((a, min(a + chunk, len(ids)), ids[a:a + chunk].to(device),
+                    torch.unique_consecutive(ids[a:a + chunk]).to(device))
+                   for a in range(0, len(ids), chunk))
+    return _Plan(tuple(large), tuple(small), packed)
 
 
-def _flat(xs, tail=()):
-    return torch.cat([x.reshape(-1, *tail) for x in xs])
+class _Work(NamedTuple):
+    p: List[Tensor]  # flat views (large tensors); entry of a small tensor unused
+    g: List[Tensor]  # flat, unclipped
+    m: List[Tensor]  # (n, D), updated
+    v: List[Tensor]
+    pack: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]]  # packed p, g, m, v of small tensors
+    amount: Tensor
+    shapes: List[torch.Size]
+    numels: Tensor  # (T,)
+    plan: _Plan
+    scale: Tensor  # (T, E) column scales
+    inplace: bool
+    originals: Tuple[List[Tensor], List[Tensor], List[Tensor]]  # params, mom, rms as given
 
 
-def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None):
+def _chunks(work_or_lists, plan: _Plan):
+    """Yield (tensor or None, (seg, present) or None, p, g, m, v) for every chunk, large
+    tensors first."""
+    p, g, m, v, pack = work_or_lists
+    for t, a, b in plan.large:
+        yield t, None, p[t][a:b], g[t][a:b], m[t][a:b], v[t][a:b]
+    if pack is not None:
+        pp, pg, pm, pv = pack
+        for a, b, seg, present in plan.packed:
+            yield None, (seg, present), pp[a:b], pg[a:b], pm[a:b], pv[a:b]
+
+
+def _reduce(rows: List[Tensor], ids: List, T: int, like: Tensor) -> Tensor:
+    """Sum per-chunk rows into (T, k): a row per large chunk (id = its tensor) and a (T, k)
+    block per packed chunk (id None)."""
+    k = rows[0].shape[-1]
+    out = torch.zeros(T, k, dtype=like.dtype, device=like.device)
+    singles = [r for r, i in zip(rows, ids) if i is not None]
+    if singles:
+        idx = torch.tensor([i for i in ids if i is not None], dtype=torch.long, device=like.device)
+        out = out.index_add(0, idx, torch.stack(singles))
+    for r, i in zip(rows, ids):
+        if i is None:
+            out = out + r
+    return out
+
+
+def _join(parts: List[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None,
+                      inplace: bool = False):
     chunk = chunk_size or DEFAULT_CHUNK
     D = cfg.n_decays
-    p, g = _flat(params), _flat(grads)
-    m, v = _flat(mom, (D,)), _flat(rms, (D,))
-    dt, dev = p.dtype, p.device
-    b = torch.tensor(cfg.decays, dtype=dt, device=dev)
-    g = torch.clamp(g, -amount, amount)
-    m = b * m + (1 - b) * g.unsqueeze(-1)
-    v = b * v + (1 - b) * (g * g).unsqueeze(-1)
-
-    numels = tuple(x.numel() for x in params)
-    plan = _chunk_plan(numels, chunk, str(dev))
-    T = len(numels)
-    n = torch.tensor(numels, dtype=dt, device=dev)
-
-    # statistics accumulate in float64, as in the reference (see there why)
+    T = len(params)
+    dev, dt = params[0].device, params[0].dtype
     f64 = torch.float64
+    numels = tuple(x.numel() for x in params)
+    plan = _plan(numels, chunk, str(dev))
+    b = torch.tensor(cfg.decays, dtype=dt, device=dev)
+    one_b = 1 - b
+    n = torch.tensor(numels, dtype=dt, device=dev)
     n64 = n.to(f64)
-    sums = torch.zeros(T, 5, dtype=f64, device=dev)
-    for a, bb, seg in plan:
-        pc, gc = p[a:bb].to(f64), g[a:bb].to(f64)
-        vals = torch.stack([m[a:bb].to(f64).sum(-1), v[a:bb].to(f64).sum(-1), pc, pc * pc,
-                            gc * gc], dim=-1)
-        sums = sums.index_add(0, seg, vals)
-    mean_m, mean_v, mean_p = sums[:, 0] / (n64 * D), sums[:, 1] / (n64 * D), sums[:, 2] / n64
 
-    cent = torch.zeros(T, 3, dtype=f64, device=dev)
-    for a, bb, seg in plan:
-        vals = torch.stack([
-            ((m[a:bb].to(f64) - mean_m[seg].unsqueeze(-1)) ** 2).sum(-1),
-            ((v[a:bb].to(f64) - mean_v[seg].unsqueeze(-1)) ** 2).sum(-1),
-            (p[a:bb].to(f64) - mean_p[seg]) ** 2,
-        ], dim=-1)
-        cent = cent.index_add(0, seg, vals)
+    P = [x.reshape(-1) for x in params]
+    G = [x.reshape(-1) for x in grads]
+    M = [x.reshape(-1, D) for x in mom]
+    V = [x.reshape(-1, D) for x in rms]
+    pack = None
+    if plan.small:
+        pack = tuple(torch.cat([L[t] for t in plan.small]) for L in (P, G, M, V))
+
+    # pass A: clip, update the accumulators, first moments (float64, as in the reference)
+    large = {c[0] for c in plan.large}
+    # in place only where the flat views really alias the state (reshape may have copied);
+    # otherwise (always under vmap) new accumulators are built chunk by chunk
+    in_place = inplace and all(M[t].data_ptr() == mom[t].data_ptr() and V[t].data_ptr() == rms[t].data_ptr()
+                               for t in large)
+    new_m, new_v = {t: [] for t in large}, {t: [] for t in large}
+    pack_m, pack_v = [], []
+    rows, sqs, ids = [], [], []
+    for t, seg, p, g, m, v in _chunks((P, G, M, V, pack), plan):
+        g = torch.clamp(g, -amount, amount)
+        # the same operations as the reference, rounding included: a mean of m that nearly
+        # cancels makes the log|mean| statistic sensitive to the last bit (no fused addcmul)
+        if in_place and seg is None:
+            m = m.mul_(b).add_(one_b * g.unsqueeze(-1))
+            v = v.mul_(b).add_(one_b * (g * g).unsqueeze(-1))
+        else:
+            m = b * m + one_b * g.unsqueeze(-1)
+            v = b * v + one_b * (g * g).unsqueeze(-1)
+            (new_m[t] if seg is None else pack_m).append(m)
+            (new_v[t] if seg is None else pack_v).append(v)
+        cols = element_columns(g, p, m, v, cfg)
+        # float64 statistics of this chunk: sums, and second moments centred on the chunk's
+        # own mean (combined across chunks below, so no second pass over the accumulators)
+        m64, v64, p64, g64 = m.to(f64), v.to(f64), p.to(f64), g.to(f64)
+        if seg is None:
+            k = p.shape[0]
+            sm, sv, sp = m64.sum(), v64.sum(), p64.sum()
+            dm, dv, dp = m64 - sm / (k * D), v64 - sv / (k * D), p64 - sp / k
+            rows.append(torch.stack([p64.new_tensor(k), sm, sv, sp, (dm * dm).sum(), (dv * dv).sum(),
+                                     dp.dot(dp), p64.dot(p64), g64.dot(g64)]).unsqueeze(0))
+            sqs.append((cols * cols).sum(0, keepdim=True))
+            ids.append(torch.tensor([t], device=dev))
+        else:
+            seg, present = seg
+            ones = torch.ones_like(p64)
+            first = torch.zeros(T, 4, dtype=f64, device=dev).index_add(
+                0, seg, torch.stack([ones, m64.sum(-1), v64.sum(-1), p64], dim=-1))
+            k = first[:, 0].clamp_min(1)
+            cm, cv, cp = first[:, 1] / (k * D), first[:, 2] / (k * D), first[:, 3] / k
+            dm = m64 - cm.index_select(0, seg).unsqueeze(-1)
+            dv = v64 - cv.index_select(0, seg).unsqueeze(-1)
+            dp = p64 - cp.index_select(0, seg)
+            second = torch.zeros(T, 5, dtype=f64, device=dev).index_add(
+                0, seg, torch.stack([(dm * dm).sum(-1), (dv * dv).sum(-1), dp * dp, p64 * p64,
+                                     g64 * g64], dim=-1))
+            rows.append(torch.cat([first, second], dim=-1).index_select(0, present))
+            sqs.append(torch.zeros(T, cols.shape[-1], dtype=dt, device=dev)
+                       .index_add(0, seg, cols * cols).index_select(0, present))
+            ids.append(present)
+    if not in_place:
+        M = [_join(new_m[i]) if i in large else x for i, x in enumerate(M)]
+        V = [_join(new_v[i]) if i in large else x for i, x in enumerate(V)]
+    if pack is not None:
+        pack = (pack[0], pack[1], _join(pack_m), _join(pack_v))
+
+    # combine the chunks: sums add; centred moments add plus each chunk's n (mean_c - mean)^2
+    R, idx = torch.cat(rows), torch.cat(ids)
+    tot = torch.zeros(T, R.shape[1], dtype=f64, device=dev).index_add(0, idx, R)
+    mean_m, mean_v, mean_p = tot[:, 1] / (n64 * D), tot[:, 2] / (n64 * D), tot[:, 3] / n64
+    kc = R[:, 0].clamp_min(1)
+    shift = torch.stack([
+        D * kc * (R[:, 1] / (kc * D) - mean_m[idx]) ** 2,
+        D * kc * (R[:, 2] / (kc * D) - mean_v[idx]) ** 2,
+        kc * (R[:, 3] / kc - mean_p[idx]) ** 2], dim=-1)
+    cent = tot[:, 4:7] + torch.zeros(T, 3, dtype=f64, device=dev).index_add(0, idx, shift)
+    sq = torch.zeros(T, cfg.n_element_cols, dtype=dt, device=dev).index_add(0, idx, torch.cat(sqs))
+    scale = torch.rsqrt(cfg.norm_eps + sq / n.unsqueeze(-1))
     raw = torch.stack([mean_m, cent[:, 0] / (n64 * D), mean_v, cent[:, 1] / (n64 * D),
-                       mean_p, cent[:, 2] / n64, sums[:, 3], sums[:, 4]], dim=-1)
-    work = _Work(p, g, m, v, [x.shape for x in params], n, plan)
+                       mean_p, cent[:, 2] / n64, tot[:, 7], tot[:, 8]], dim=-1)
+    work = _Work(P, G, M, V, pack, amount, [x.shape for x in params], n, plan, scale, inplace,
+                 (list(params), list(mom), list(rms)))
     return work, raw
 
 
 def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_size=None):
-    p, g, m, v, plan = work.p, work.g, work.m, work.v, work.chunks
-    dt, dev = p.dtype, p.device
+    plan = work.plan
+    P, G, M, V = work.p, work.g, work.m, work.v
+    dt, dev = consts.dtype, consts.device
     T = consts.shape[0]
     E = cfg.n_element_cols
     L = cfg.mlp_layers
-
-    # per-tensor scale of each element column: rsqrt(eps + mean(x^2))
-    sq = torch.zeros(T, E, dtype=dt, device=dev)
-    for a, b, seg in plan:
-        cols = element_columns(g[a:b], p[a:b], m[a:b], v[a:b], cfg)
-        sq = sq.index_add(0, seg, cols * cols)
-    scale = torch.rsqrt(cfg.norm_eps + sq / work.numels.unsqueeze(-1))
+    D = cfg.n_decays
 
     w0 = w["mlp_w0"]
-    bias0 = consts @ w0[E:] + w["mlp_b0"]  # the constant inputs, folded into a bias
-    w0 = w0[:E]
+    bias0 = consts @ w0[E:] + w["mlp_b0"]  # (T, H): the constant inputs, folded into a bias
+    w0s = work.scale.unsqueeze(-1) * w0[:E]  # (T, E, H): the column scales, folded into weights
     wl, bl = w[f"mlp_w{L}"], w[f"mlp_b{L}"]
+    w_out, b_out = wl[:, :2], bl[:2]
     lr = torch.stack([torch.as_tensor(x, dtype=dt, device=dev) for x in lrs])
     decay = 1 - lr * torch.stack([torch.as_tensor(x, dtype=dt, device=dev) for x in wds])
+    rate = cfg.magnitude_rate
+    large = {c[0] for c in plan.large}
+    write_p = work.inplace and all(P[t].data_ptr() == work.originals[0][t].data_ptr() for t in large)
+    new_large = {t: [] for t in large} if not write_p else None
 
-    hsum = torch.zeros(T, wl.shape[0], dtype=dt, device=dev)
-    parts = []
-    for a, b, seg in plan:
-        cols = element_columns(g[a:b], p[a:b], m[a:b], v[a:b], cfg) * scale[seg]
-        h = torch.relu(cols @ w0 + bias0[seg])
+    hsums, ids = [], []
+    pack_parts = []
+    for t, seg, p, g, m, v in _chunks((P, G, M, V, work.pack), plan):
+        seg = None if seg is None else seg[0]
+        cols = element_columns(torch.clamp(g, -work.amount, work.amount), p, m, v, cfg)
+        if seg is None:
+            h = torch.addmm(bias0[t], cols, w0s[t]).relu_()
+        else:
+            h = (cols * work.scale.index_select(0, seg)) @ w0[:E]
+            h = h.add_(bias0.index_select(0, seg)).relu_()
         for i in range(1, L):
-            h = torch.relu(h @ w[f"mlp_w{i}"] + w[f"mlp_b{i}"])
-        hsum = hsum.index_add(0, seg, h)
-        out = h @ wl[:, :2] + bl[:2]
-        step = lr[seg] * out[:, 0] * torch.exp(cfg.magnitude_rate * out[:, 1])
-        parts.append(p[a:b] * decay[seg] - step)
-    new_flat = torch.cat(parts) if len(parts) > 1 else parts[0]
+            h = torch.addmm(w[f"mlp_b{i}"], h, w[f"mlp_w{i}"]).relu_()
+        out = torch.addmm(b_out, h, w_out)
+        step = out[:, 0] * torch.exp(rate * out[:, 1])
+        if seg is None:
+            hsums.append(h.sum(0))
+            ids.append(t)
+            if write_p:
+                p.mul_(decay[t]).sub_(lr[t] * step)
+            else:
+                new_large[t].append(p * decay[t] - lr[t] * step)
+        else:
+            hsums.append(torch.zeros(T, h.shape[-1], dtype=dt, device=dev).index_add(0, seg, h))
+            ids.append(None)
+            pack_parts.append(p * decay.index_select(0, seg) - lr.index_select(0, seg) * step)
+    hsum = _reduce(hsums, ids, T, consts)
     messages = (hsum / work.numels.unsqueeze(-1)) @ wl[:, 2:] + bl[2:]
 
-    sizes = [int(k) for k in (s.numel() for s in work.shapes)]
-    D = cfg.n_decays
-    new_p = [x.view(s) for x, s in zip(new_flat.split(sizes), work.shapes)]
-    new_m = [x.view(*s, D) for x, s in zip(m.split(sizes), work.shapes)]
-    new_v = [x.view(*s, D) for x, s in zip(v.split(sizes), work.shapes)]
+    shapes = work.shapes
+    new_p: List[Optional[Tensor]] = [None] * T
+    new_m: List[Optional[Tensor]] = [None] * T
+    new_v: List[Optional[Tensor]] = [None] * T
+    for t in large:
+        if write_p:
+            new_p[t] = work.originals[0][t]
+        else:
+            parts = new_large[t]
+            new_p[t] = _join(parts).view(shapes[t])
+        new_m[t] = M[t].view(*shapes[t], D)
+        new_v[t] = V[t].view(*shapes[t], D)
+    if plan.small:
+        sizes = [shapes[t].numel() for t in plan.small]
+        flat_p = _join(pack_parts)
+        for t, x, mm, vv in zip(plan.small, flat_p.split(sizes), work.pack[2].split(sizes),
+                                work.pack[3].split(sizes)):
+            new_p[t] = x.view(shapes[t])
+            if work.inplace:
+                work.originals[1][t].copy_(mm.view(*shapes[t], D))
+                work.originals[2][t].copy_(vv.view(*shapes[t], D))
+                new_m[t], new_v[t] = work.originals[1][t], work.originals[2][t]
+            else:
+                new_m[t], new_v[t] = mm.view(*shapes[t], D), vv.view(*shapes[t], D)
     return new_p, messages, new_m, new_v

@@ -277,13 +277,16 @@ def lopt_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Seque
               lr: Union[Number, Sequence[Number]] = 1e-3,
               weight_decay: Union[Number, Sequence[Number]] = 0.0,
               maximize: bool = False, cfg: Optional[ArchConfig] = None,
-              impl: str = "fast", chunk_size: Optional[int] = None):
+              impl: str = "fast", chunk_size: Optional[int] = None, inplace: bool = False):
     """One learned-optimizer step. Returns ``(new_params, new_state)``.
 
     ``params``/``grads``/``state.tensors`` are aligned lists of real tensors; ``lr`` and
     ``weight_decay`` are numbers or per-tensor sequences. ``impl`` is ``"fast"`` (default) or
     ``"reference"``. Empty tensors are carried through unchanged and take no part in the
-    statistics.
+    statistics. ``inplace=True`` lets the fast path update the given parameters and
+    accumulators in place (chunk by chunk, so memory beyond the state stays bounded); the
+    returned tensors are then those same objects where that was possible. Never use it under
+    ``vmap`` or when the inputs must survive.
     """
     from . import fast, reference
 
@@ -319,7 +322,7 @@ def lopt_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Seque
     amount = clip_amount(glob, cfg).to(dt)
 
     # steps 2-3 and the per-tensor statistics
-    work, raw = backend.tensor_statistics(P, G, M, V, amount, cfg, chunk_size)
+    work, raw = backend.tensor_statistics(P, G, M, V, amount, cfg, chunk_size, inplace=inplace)
     glob = update_clipper(glob, raw[:, 7] / torch.tensor(numels, dtype=raw.dtype, device=raw.device), cfg)
 
     # step 4: per-tensor LSTM

@@ -13,10 +13,9 @@ State layout (a standard optimizer state dict; tensors and numbers only):
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor
@@ -219,7 +218,7 @@ class LearnedOptimizer(Optimizer):
         else:
             loss_value = None
 
-        params, grads, owners, lrs, wds, maxs = [], [], [], [], [], []
+        params, grads, owners, lrs, wds = [], [], [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -244,7 +243,10 @@ class LearnedOptimizer(Optimizer):
         if len(devices) > 1:
             raise RuntimeError(f"LearnedOptimizer needs all parameters on one device, got {devices}")
 
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        # one fused max-abs per tensor: inf or nan anywhere makes it non-finite
+        nonempty = [g for g in grads if g.numel()]
+        finite = (torch.stack([x.float() for x in torch._foreach_norm(nonempty, float("inf"))]).isfinite().all()
+                  if nonempty else True)
         glob_st = self._global_state()
         if not bool(finite):
             glob_st["nonfinite_skips"] += 1
@@ -264,9 +266,10 @@ class LearnedOptimizer(Optimizer):
         state = F.LOptState(self._to_global(glob_st), tstates)
         new_params, new_state = F.lopt_step(
             weights, params, grads, state, loss=loss_value, lr=lrs, weight_decay=wds,
-            cfg=self.meta_config, impl=self.impl, chunk_size=self.chunk_size)
+            cfg=self.meta_config, impl=self.impl, chunk_size=self.chunk_size, inplace=True)
         for p, pr, new, ts in zip(owners, params, new_params, new_state.tensors):
-            pr.copy_(new)
+            if new is not pr:
+                pr.copy_(new)
             st = self.state[p]
             for key in _TENSOR_KEYS:
                 val = getattr(ts, key)

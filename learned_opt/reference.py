@@ -27,9 +27,11 @@ def _decays(cfg: ArchConfig, like: Tensor) -> Tensor:
     return torch.tensor(cfg.decays, dtype=like.dtype, device=like.device)
 
 
-def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None):
+def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None,
+                      inplace=False):
     """Clip the gradients, update the accumulators, and return per-tensor statistics
-    (T, 8, float64): mean/var of m, of v, of p, sum of squares of p and of the clipped gradient."""
+    (T, 8, float64): mean/var of m, of v, of p, sum of squares of p and of the clipped gradient.
+    Always out of place (``inplace`` is accepted and ignored)."""
     rows, G, M, V = [], [], [], []
     for p, g, m, v in zip(params, grads, mom, rms):
         b = _decays(cfg, p)

@@ -1,0 +1,39 @@
+"""Shared pieces of the benchmark scripts: interleaved timing and result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict
+
+import torch
+
+
+def interleaved_medians(calls: Dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of each call; the calls alternate within every repeat so that a change
+    in machine load hits them all alike."""
+    for f in calls.values():
+        for _ in range(warmup):
+            f()
+    times = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def write_result(path: str, script: str, argv, result: Dict) -> None:
+    """Write ``result`` as JSON with the command and the machine it ran on."""
+    result = dict(result, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
+                  cpus=os.cpu_count(),
+                  command=f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
