@@ -1,0 +1,253 @@
+"""Meta-training and evaluation of the few-shot baselines, with checkpoints and resume.
+
+Algorithms: ``maml`` (second order), ``fomaml`` (first order), ``mamlpp`` (MAML++: every
+component on unless switched off), ``imaml``, and ``joint`` (the sinusoid baseline of Finn et
+al.: one model trained on all tasks jointly, fine-tuned on each test task's support set).
+Episodes are a pure function of (seed, outer step), so ``--resume`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+from torch.func import grad
+
+from .data import FewShotClasses, Sinusoid, load_omniglot, vinyals_split
+from .maml import (MAMLConfig, accuracy, adapt, imaml_adapt, imaml_meta_gradient, init_meta, mean_ci95,
+                   meta_gradient, msl_weights)
+from .models import conv4, sine_mlp
+
+ALGORITHMS = ("maml", "fomaml", "mamlpp", "imaml", "joint")
+
+
+@dataclasses.dataclass
+class FewShotConfig:
+    algorithm: str = "maml"
+    dataset: str = "sinusoid"  # "sinusoid" or "omniglot"
+    data_root: Optional[str] = None
+    ways: int = 5
+    shots: int = 1
+    queries: int = 0  # 0: 10 for sinusoid, 15 per class for omniglot
+    inner_steps: int = 1
+    inner_lr: float = 0.01
+    eval_inner_steps: int = 0  # 0: as in training
+    meta_batch: int = 25
+    outer_lr: float = 1e-3
+    steps: int = 1000  # outer steps: the budget
+    epoch_len: int = 500  # outer steps per "epoch" for the MAML++ schedules
+    seed: int = 0
+    checkpoint_every: int = 100
+    use_vmap: bool = True
+    channels: int = 64
+    # MAML++ switches (used when algorithm == "mamlpp")
+    msl: bool = True
+    msl_epochs: int = 10
+    lslr: bool = True
+    bn_per_step: bool = True  # per-step batch-norm weights and running statistics
+    derivative_annealing_epochs: int = -1  # first-order epochs; -1: a third of the budget
+    cosine_lr: bool = True
+    min_outer_lr: float = 1e-5
+    # iMAML
+    lam: float = 2.0
+    cg_steps: int = 5
+
+    def validate(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.dataset not in ("sinusoid", "omniglot"):
+            raise ValueError(f"dataset must be 'sinusoid' or 'omniglot', got {self.dataset!r}")
+        if self.dataset == "omniglot" and not self.data_root:
+            raise ValueError("omniglot needs --data-root: the folder with images_background.zip and images_evaluation.zip")
+        if self.algorithm == "joint" and self.dataset != "sinusoid":
+            raise ValueError("the joint baseline is defined for the sinusoid benchmark")
+        for k in ("shots", "inner_steps", "meta_batch", "steps", "ways"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be at least 1")
+
+
+class FewShotTrainer:
+    def __init__(self, cfg: FewShotConfig, out: str):
+        cfg.validate()
+        self.cfg, self.out = cfg, out
+        pp = cfg.algorithm == "mamlpp"
+        self.mcfg = MAMLConfig(inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
+                               first_order=cfg.algorithm == "fomaml", multi_step_loss=pp and cfg.msl,
+                               msl_epochs=cfg.msl_epochs, learn_inner_lr=pp and cfg.lslr,
+                               lam=cfg.lam, cg_steps=cfg.cg_steps)
+        if cfg.dataset == "sinusoid":
+            q = cfg.queries or 10
+            self.train_data = Sinusoid(cfg.shots, q, seed=cfg.seed)
+            self.test_data = Sinusoid(cfg.shots, q, seed=cfg.seed + 1_000_003)
+            self.model = sine_mlp()
+            self.loss_fn, self.metric = nn.functional.mse_loss, None
+        else:
+            q = cfg.queries or 15
+            images = load_omniglot(cfg.data_root)
+            self.train_data = FewShotClasses(vinyals_split(images, "train"), cfg.ways, cfg.shots, q, seed=cfg.seed)
+            self.test_data = FewShotClasses(vinyals_split(images, "test"), cfg.ways, cfg.shots, q,
+                                            seed=cfg.seed + 1_000_003)
+            self.model = conv4(cfg.ways, cfg.channels, per_step_bn=cfg.inner_steps if pp and cfg.bn_per_step else 0)
+            self.loss_fn, self.metric = nn.functional.cross_entropy, accuracy
+        self.bn_running = pp and cfg.bn_per_step and self.model.n_stats > 0
+        meta = init_meta(self.model, self.mcfg, cfg.seed)
+        self.meta = {g: {k: v.clone().requires_grad_() for k, v in d.items()} for g, d in meta.items()}
+        self.opt = torch.optim.Adam([v for d in self.meta.values() for v in d.values()], lr=cfg.outer_lr)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=cfg.min_outer_lr)
+                      if pp and cfg.cosine_lr else None)
+        self.running: Optional[torch.Tensor] = None  # (S+1, layers, 2, C) per-step BN statistics
+        self.step = 0
+
+    # ------------------------------------------------------------------ schedules
+    @property
+    def epoch(self) -> float:
+        return self.step / self.cfg.epoch_len
+
+    def second_order(self) -> bool:
+        a = self.cfg.algorithm
+        if a in ("fomaml", "imaml", "joint"):
+            return False
+        if a == "mamlpp":
+            da = self.cfg.derivative_annealing_epochs
+            da = self.cfg.steps / self.cfg.epoch_len / 3 if da < 0 else da
+            return self.epoch >= da
+        return True
+
+    # ------------------------------------------------------------------ one step
+    def outer_step(self) -> Dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch = self.train_data.batch(self.step, cfg.meta_batch)
+        meta = {g: {k: v.detach() for k, v in d.items()} for g, d in self.meta.items()}
+        if cfg.algorithm == "imaml":
+            g, loss, met = imaml_meta_gradient(meta["params"], batch, self.model, self.loss_fn, self.mcfg,
+                                               cfg.inner_steps, cfg.inner_lr, self.metric)
+            grads = {"params": g}
+        elif cfg.algorithm == "joint":
+            def joint_loss(p):
+                x = torch.cat([batch.xs, batch.xq], 1).flatten(0, 1)
+                y = torch.cat([batch.ys, batch.yq], 1).flatten(0, 1)
+                return self.loss_fn(self.model.forward(p, x)[0], y)
+            g = grad(joint_loss)(meta["params"])
+            loss = met = joint_loss(meta["params"]).detach()
+            grads = {"params": g}
+        else:
+            w = msl_weights(cfg.inner_steps, self.epoch, cfg.msl_epochs) if self.mcfg.multi_step_loss else None
+            grads, loss, met, stats = meta_gradient(meta, batch, self.model, self.loss_fn, self.mcfg,
+                                                    self.second_order(), w, self.metric, cfg.use_vmap)
+            if self.bn_running and stats.numel():
+                self.running = stats.clone() if self.running is None else 0.9 * self.running + 0.1 * stats
+        finite = all(torch.isfinite(v).all() for d in grads.values() for v in d.values())
+        if finite:
+            for grp, d in grads.items():
+                for k, v in d.items():
+                    self.meta[grp][k].grad = v.detach().clone()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            if "lrs" in self.meta:  # inner learning rates stay positive
+                with torch.no_grad():
+                    for v in self.meta["lrs"].values():
+                        v.clamp_(min=1e-6)
+        if self.sched is not None:
+            self.sched.step()
+        self.step += 1
+        return {"step": self.step, "query_loss": float(loss), "metric": float(met),
+                "second_order": self.second_order(), "outer_lr": self.opt.param_groups[0]["lr"],
+                "nonfinite": not finite, "time": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, n_tasks: int = 600, inner_steps: Optional[int] = None) -> Dict:
+        cfg = self.cfg
+        steps = inner_steps or cfg.eval_inner_steps or cfg.inner_steps
+        meta = {g: {k: v.detach() for k, v in d.items()} for g, d in self.meta.items()}
+        values = []
+        for i in range(n_tasks):
+            ep = self.test_data.episode(i)
+            if cfg.algorithm == "imaml":
+                p = imaml_adapt(self.model, meta["params"], ep.xs, ep.ys, self.loss_fn, self.mcfg, steps, cfg.inner_lr)
+                out = self.model.forward(p, ep.xq, 0)[0]
+            else:
+                stats = self.running if (self.bn_running and self.running is not None) else None
+                if stats is not None and steps > cfg.inner_steps:
+                    stats = torch.cat([stats, stats[-1:].expand(steps - cfg.inner_steps, *stats.shape[1:])])
+                p, _ = adapt(self.model, meta, ep.xs, ep.ys, self.loss_fn, steps, self.mcfg, False, stats=stats)
+                out = self.model.forward(p, ep.xq, min(steps, cfg.inner_steps),
+                                         None if stats is None else stats[min(steps, cfg.inner_steps)])[0]
+            with torch.no_grad():
+                values.append(float(self.metric(out, ep.yq) if self.metric else self.loss_fn(out, ep.yq)))
+        mean, ci = mean_ci95(values)
+        name = "accuracy" if self.metric else "mse"
+        return {name: mean, "ci95": ci, "tasks": n_tasks, "inner_steps": steps, "outer_steps": self.step}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        return {"config": dataclasses.asdict(self.cfg), "step": self.step,
+                "meta": {g: {k: v.detach() for k, v in d.items()} for g, d in self.meta.items()},
+                "opt": self.opt.state_dict(), "sched": None if self.sched is None else self.sched.state_dict(),
+                "running": self.running}
+
+    def save(self):
+        os.makedirs(self.out, exist_ok=True)
+        path = os.path.join(self.out, "checkpoint.pt")
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self):
+        path = os.path.join(self.out, "checkpoint.pt")
+        try:
+            sd = torch.load(path, weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"{path}: cannot read the checkpoint ({e})") from None
+        if sd["config"] != dataclasses.asdict(self.cfg):
+            diff = {k: (sd["config"].get(k), v) for k, v in dataclasses.asdict(self.cfg).items() if sd["config"].get(k) != v}
+            raise RuntimeError(f"{path}: written with another configuration (saved, now): {diff}")
+        with torch.no_grad():
+            for g, d in sd["meta"].items():
+                for k, v in d.items():
+                    self.meta[g][k].copy_(v)
+        self.opt.load_state_dict(sd["opt"])
+        if self.sched is not None:
+            self.sched.load_state_dict(sd["sched"])
+        self.running = sd["running"]
+        self.step = sd["step"]
+
+    def run(self, resume: bool = False, progress: bool = True):
+        log = os.path.join(self.out, "log.jsonl")
+        os.makedirs(self.out, exist_ok=True)
+        if resume and os.path.exists(os.path.join(self.out, "checkpoint.pt")):
+            self.load()
+            if os.path.exists(log):  # drop lines written after the checkpoint
+                with open(log) as f:
+                    lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.step]
+                with open(log, "w") as f:
+                    f.writelines(lines)
+        elif os.path.exists(os.path.join(self.out, "checkpoint.pt")):
+            raise RuntimeError(f"{self.out} already holds a checkpoint: pass --resume, or another --out")
+        with open(os.path.join(self.out, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(self.cfg), f, indent=2)
+        bar = None
+        if progress:
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"{self.cfg.algorithm}", dynamic_ncols=True)
+            except ImportError:
+                pass
+        while self.step < self.cfg.steps:
+            rec = self.outer_step()
+            with open(log, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['query_loss']:.4f}", metric=f"{rec['metric']:.3f}")
+            elif self.step % 50 == 0:
+                print(f"step {self.step}/{self.cfg.steps} loss {rec['query_loss']:.4f} metric {rec['metric']:.3f}", flush=True)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+                self.save()
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,218 @@
+"""MAML, MAML++ and iMAML: meta-gradients checked against independent computations."""
+
+import io
+import math
+import os
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+from torch.func import grad, hessian
+
+from meta_train.fewshot.data import (Episode, FewShotClasses, OmniglotError, Sinusoid, load_omniglot,
+                                     stack_episodes, vinyals_split)
+from meta_train.fewshot.maml import (MAMLConfig, conjugate_gradient, imaml_task_gradient, init_meta,
+                                     maml_task_loss, meta_gradient, msl_weights)
+from meta_train.fewshot.models import FunctionalModel, conv4, from_module
+
+OMNIGLOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "omniglot")
+
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    return from_module(nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double())
+
+
+def sine_episode(i, shots=6):
+    e = Sinusoid(shots, 7, seed=3).episode(i)
+    return Episode(*(x.double() for x in e))
+
+
+def mse(out, y):
+    return ((out - y) ** 2).mean()
+
+
+def flat(d):
+    return torch.cat([v.reshape(-1) for v in d.values()])
+
+
+def test_maml_second_order_meta_gradient_equals_finite_differences():
+    model = tiny_mlp()
+    cfg = MAMLConfig(inner_steps=2, inner_lr=0.3)
+    meta = {"params": model.init(1)}
+    ep = sine_episode(0)
+    loss = lambda m: maml_task_loss(m, ep, model, mse, cfg, second_order=True)[0]  # noqa: E731
+    g = flat(grad(loss)(meta)["params"])
+    names = list(meta["params"])
+    fd, h = [], 1e-6
+    for k in names:
+        base = meta["params"][k]
+        for j in range(base.numel()):
+            plus, minus = base.clone(), base.clone()
+            plus.view(-1)[j] += h
+            minus.view(-1)[j] -= h
+            lp = loss({"params": {**meta["params"], k: plus}})
+            lm = loss({"params": {**meta["params"], k: minus}})
+            fd.append((lp - lm) / (2 * h))
+    fd = torch.stack(fd)
+    assert torch.allclose(g, fd, rtol=1e-6, atol=1e-8), (g - fd).abs().max()
+    # and first-order differs from it here (the check has teeth)
+    g1 = flat(grad(lambda m: maml_task_loss(m, ep, model, mse, cfg, second_order=False)[0])(meta)["params"])
+    assert (g1 - fd).abs().max() > 1e-4
+
+
+def test_first_order_drops_exactly_the_second_order_term():
+    model = tiny_mlp()
+    alpha = 0.2
+    cfg = MAMLConfig(inner_steps=1, inner_lr=alpha)
+    theta = model.init(2)
+    ep = sine_episode(1)
+    sup = lambda p: mse(model.forward(p, ep.xs)[0], ep.ys)  # noqa: E731
+    qry = lambda p: mse(model.forward(p, ep.xq)[0], ep.yq)  # noqa: E731
+    gs = grad(sup)(theta)
+    phi = {k: theta[k] - alpha * gs[k] for k in theta}
+    gq = flat(grad(qry)(phi))
+    fo = flat(grad(lambda m: maml_task_loss(m, ep, model, mse, cfg, False)[0])({"params": theta})["params"])
+    so = flat(grad(lambda m: maml_task_loss(m, ep, model, mse, cfg, True)[0])({"params": theta})["params"])
+    assert torch.allclose(fo, gq, rtol=1e-12, atol=1e-14)
+    # second order: (I - alpha H) gq, H the support Hessian at theta
+    names = list(theta)
+    sizes = [theta[k].numel() for k in names]
+
+    def sup_flat(v):
+        parts = dict(zip(names, [x.view(theta[k].shape) for x, k in zip(v.split(sizes), names)]))
+        return sup(parts)
+    H = hessian(sup_flat)(flat(theta))
+    assert torch.allclose(so - fo, -alpha * H @ gq, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_vmap_over_tasks_equals_loop_with_per_step_batch_norm(second_order):
+    S = 2
+    model = conv4(ways=3, channels=4, image=16, per_step_bn=S)
+    cfg = MAMLConfig(inner_steps=S, inner_lr=0.1, learn_inner_lr=True, multi_step_loss=True)
+    meta = init_meta(model, cfg, seed=0)
+    meta = {g: {k: v.double() for k, v in d.items()} for g, d in meta.items()}
+    gen = torch.Generator().manual_seed(0)
+    eps = [Episode(torch.rand(6, 1, 16, 16, generator=gen).double(), torch.tensor([0, 0, 1, 1, 2, 2]),
+                   torch.rand(9, 1, 16, 16, generator=gen).double(), torch.tensor([0, 1, 2] * 3)) for _ in range(3)]
+    batch = stack_episodes(eps)
+    w = msl_weights(S, 0.5, 1).double()
+    ce = nn.functional.cross_entropy
+    gv, lv, _, sv = meta_gradient(meta, batch, model, ce, cfg, second_order, w, use_vmap=True)
+    gl, ll, _, sl = meta_gradient(meta, batch, model, ce, cfg, second_order, w, use_vmap=False)
+    assert sv.shape == (S + 1, 4, 2, 4) and torch.allclose(sv, sl)
+    assert set(gv) == {"params", "lrs"}
+    for grp in gv:
+        for k in gv[grp]:
+            assert torch.allclose(gv[grp][k], gl[grp][k], rtol=1e-9, atol=1e-12), (grp, k)
+    assert torch.allclose(lv, ll)
+    assert all(gv["params"][f"bn{i}.weight"].abs().sum() > 0 for i in range(4))  # per-step BN is learned
+
+
+def test_msl_weights_follow_their_schedule():
+    S = 5
+    w0 = msl_weights(S, 0, 10)
+    assert torch.allclose(w0, torch.full((S,), 1 / S))
+    prev = w0
+    for e in range(1, 15):
+        w = msl_weights(S, e, 10)
+        assert abs(float(w.sum()) - 1) < 1e-6
+        assert (w[:-1] <= prev[:-1] + 1e-7).all() and w[-1] >= prev[-1] - 1e-7
+        prev = w
+    end = msl_weights(S, 10, 10)
+    assert torch.allclose(end[:-1], torch.full((S - 1,), 0.03 / S))
+    assert abs(float(end[-1]) - (1 - (S - 1) * 0.03 / S)) < 1e-6
+    assert torch.equal(msl_weights(S, 30, 10), end)
+
+
+def test_imaml_implicit_gradient_equals_closed_form_on_a_quadratic():
+    d, lam = 4, 1.5
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    A = Q @ torch.diag(torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)) @ Q.T
+    a = torch.randn(d, generator=g, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    model = FunctionalModel(lambda s: {"w": torch.zeros(d, dtype=torch.float64)},
+                            lambda p, x, step=0, stats=None: (p["w"], []))
+
+    def loss_fn(w, target):  # support: 0.5 (w-a)A(w-a); query: 0.5 |w-b|^2 (target says which)
+        return 0.5 * (w - a) @ A @ (w - a) if target == 0 else 0.5 * ((w - b) ** 2).sum()
+    theta = {"w": torch.randn(d, generator=g, dtype=torch.float64)}
+    ep = Episode(None, 0, None, 1)
+    cfg = MAMLConfig(lam=lam, cg_steps=d)
+    got, _, _ = imaml_task_gradient(theta, ep, model, loss_fn, cfg, inner_steps=3000, inner_lr=0.1)
+
+    def phi_star(t):  # argmin of the proximal problem, in closed form
+        return torch.linalg.solve(A + lam * torch.eye(d, dtype=torch.float64), A @ a + lam * t)
+    exact = torch.func.grad(lambda t: 0.5 * ((phi_star(t) - b) ** 2).sum())(theta["w"])
+    assert torch.allclose(got["w"], exact, rtol=1e-8, atol=1e-10), (got["w"], exact)
+
+
+def test_conjugate_gradient_solves_spd_system():
+    g = torch.Generator().manual_seed(1)
+    M = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    A = M @ M.T + torch.eye(6, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    x = conjugate_gradient(lambda v: {"x": A @ v["x"]}, {"x": b}, 6)["x"]
+    assert torch.allclose(A @ x, b, atol=1e-9)
+
+
+def test_sinusoid_and_episodes_are_seeded():
+    s = Sinusoid(5, 10, seed=0)
+    a, b = s.episode(3), s.episode(3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(s.episode(4).ys, a.ys)
+    amp, ph = s.params(3)
+    assert 0.1 <= amp <= 5 and 0 <= ph <= math.pi
+    assert a.xs.shape == (5, 1) and a.xq.shape == (10, 1) and (a.xs.abs() <= 5).all()
+    imgs = torch.randint(0, 255, (12, 20, 28, 28), dtype=torch.uint8)
+    f = FewShotClasses(imgs, ways=5, shots=1, queries=3, seed=0)
+    e = f.episode(0)
+    assert e.xs.shape == (5, 1, 28, 28) and e.xq.shape == (15, 1, 28, 28)
+    assert e.ys.tolist() == [0, 1, 2, 3, 4] and sorted(e.yq.tolist()) == sorted([0, 1, 2, 3, 4] * 3)
+    assert all(torch.equal(x, y) for x, y in zip(e, f.episode(0)))
+    with pytest.raises(ValueError, match="classes"):
+        FewShotClasses(imgs, ways=20, shots=1, queries=1)
+
+
+def _fake_archive(path, name, alphabets=2, chars=2):
+    from PIL import Image
+    with zipfile.ZipFile(path, "w") as z:
+        for a in range(alphabets):
+            for c in range(chars):
+                for d in range(20):
+                    buf = io.BytesIO()
+                    Image.new("1", (105, 105), color=1).save(buf, format="PNG")
+                    z.writestr(f"{name}/Alpha{a}/character{c + 1:02d}/{d:04d}_{c:02d}.png", buf.getvalue())
+
+
+def test_omniglot_loader_errors_and_layout(tmp_path):
+    pytest.importorskip("PIL")
+    with pytest.raises(OmniglotError, match="not a folder"):
+        load_omniglot(str(tmp_path / "nowhere"))
+    with pytest.raises(OmniglotError, match="images_background"):
+        load_omniglot(str(tmp_path))
+    _fake_archive(tmp_path / "images_background.zip", "images_background")
+    (tmp_path / "images_evaluation.zip").write_bytes(b"this is not a zip file")
+    with pytest.raises(OmniglotError, match="images_evaluation.zip: not a readable zip"):
+        load_omniglot(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    _fake_archive(tmp_path / "images_evaluation.zip", "images_evaluation", alphabets=1)
+    data = load_omniglot(str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert data.shape == (6, 20, 28, 28) and data.dtype == torch.uint8
+    assert int(data.max()) == 0  # blank (white) drawings: no ink
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    with pytest.raises(OmniglotError, match="1623"):
+        vinyals_split(data, "train")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background.zip")),
+                    reason="Omniglot archives not found beside the project (../shared/data/omniglot)")
+def test_real_omniglot_vinyals_split():
+    data = load_omniglot(OMNIGLOT)
+    assert data.shape == (1623, 20, 28, 28)
+    train, test = vinyals_split(data, "train"), vinyals_split(data, "test")
+    assert train.shape[0] == 4800 and test.shape[0] == 1692
+    assert torch.equal(train[1], torch.rot90(data[0], 1, dims=(-2, -1)))
+    assert 0.02 < data.float().mean().item() / 255 < 0.4  # ink is a minority of pixels
