@@ -12,7 +12,8 @@ from torch.func import grad, hessian
 
 from meta_train.fewshot.data import (Episode, FewShotClasses, OmniglotError, Sinusoid, load_omniglot,
                                      stack_episodes, vinyals_split)
-from meta_train.fewshot.maml import (MAMLConfig, conjugate_gradient, imaml_task_gradient, init_meta,
+from meta_train.fewshot.maml import (MAMLConfig, batched_conjugate_gradient, conjugate_gradient, imaml_meta_gradient,
+                                     imaml_task_gradient, init_meta,
                                      maml_task_loss, meta_gradient, msl_weights)
 from meta_train.fewshot.models import FunctionalModel, conv4, from_module
 
@@ -157,6 +158,43 @@ def test_conjugate_gradient_solves_spd_system():
     b = torch.randn(6, generator=g, dtype=torch.float64)
     x = conjugate_gradient(lambda v: {"x": A @ v["x"]}, {"x": b}, 6)["x"]
     assert torch.allclose(A @ x, b, atol=1e-9)
+
+
+def test_batched_conjugate_gradient_equals_the_loop_even_with_negative_curvature():
+    g = torch.Generator().manual_seed(2)
+    mats = []
+    for i in range(4):
+        M = torch.randn(5, 5, generator=g, dtype=torch.float64)
+        A = M @ M.T + torch.eye(5, dtype=torch.float64)
+        if i == 1:  # indefinite: CG stops part-way
+            A = A - 4.0 * torch.eye(5, dtype=torch.float64)
+        if i == 2:  # negative definite: CG stops on the first step and keeps b
+            A = -A
+        mats.append(A)
+    As = torch.stack(mats)
+    b = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    got = batched_conjugate_gradient(lambda v: {"x": torch.einsum("nij,nj->ni", As, v["x"])}, {"x": b}, 5)["x"]
+    for i in range(4):
+        ref = conjugate_gradient(lambda v: {"x": mats[i] @ v["x"]}, {"x": b[i]}, 5)["x"]
+        assert torch.allclose(got[i], ref, rtol=1e-10, atol=1e-12), i
+    assert torch.equal(got[2], b[2])
+
+
+def test_imaml_vmap_over_tasks_equals_the_per_task_reference():
+    model = conv4(ways=3, channels=4, image=16)
+    cfg = MAMLConfig(lam=2.0, cg_steps=3)
+    theta = {k: v.double() for k, v in init_meta(model, cfg, seed=0)["params"].items()}
+    gen = torch.Generator().manual_seed(0)
+    eps = [Episode(torch.rand(6, 1, 16, 16, generator=gen).double(), torch.tensor([0, 0, 1, 1, 2, 2]),
+                   torch.rand(9, 1, 16, 16, generator=gen).double(), torch.tensor([0, 1, 2] * 3)) for _ in range(3)]
+    batch = stack_episodes(eps)
+    ce = nn.functional.cross_entropy
+    gv, lv, _ = imaml_meta_gradient(theta, batch, model, ce, cfg, 3, 0.1, use_vmap=True)
+    gl, ll, _ = imaml_meta_gradient(theta, batch, model, ce, cfg, 3, 0.1, use_vmap=False)
+    assert set(gv) == set(gl)
+    for k in gv:
+        assert torch.allclose(gv[k], gl[k], rtol=1e-8, atol=1e-11), k
+    assert torch.allclose(lv, ll)
 
 
 def test_sinusoid_and_episodes_are_seeded():

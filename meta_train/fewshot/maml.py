@@ -152,16 +152,20 @@ def meta_gradient(meta: Meta, batch: Episode, model: FunctionalModel, loss_fn, c
 
 
 def conjugate_gradient(matvec: Callable, b: Dict[str, Tensor], steps: int) -> Dict[str, Tensor]:
-    """Solve A x = b for symmetric positive-definite A given by ``matvec`` (dicts of tensors)."""
+    """Solve A x = b for symmetric positive-definite A given by ``matvec`` (dicts of tensors).
+    Stops early where A shows non-positive curvature along a search direction."""
     def dot(a, c):
         return sum((a[k] * c[k]).sum() for k in a)
     x = {k: torch.zeros_like(v) for k, v in b.items()}
     r = dict(b)
     p = dict(b)
     rs = dot(r, r)
-    for _ in range(steps):
+    for i in range(steps):
         ap = matvec(p)
-        alpha = rs / dot(p, ap).clamp_min(1e-30)
+        curv = dot(p, ap)
+        if not bool(curv > 0):  # negative curvature (a non-convex inner loss): stop here,
+            return {k: v.clone() for k, v in (b if i == 0 else x).items()}  # as truncated CG does
+        alpha = rs / curv
         x = {k: x[k] + alpha * p[k] for k in x}
         r = {k: r[k] - alpha * ap[k] for k in r}
         rs_new = dot(r, r)
@@ -202,16 +206,85 @@ def imaml_task_gradient(theta: Dict[str, Tensor], episode: Episode, model: Funct
     return x, ql, m
 
 
-def imaml_meta_gradient(theta, batch: Episode, model, loss_fn, cfg: MAMLConfig, inner_steps, inner_lr, metric=None):
+def batched_conjugate_gradient(matvec: Callable, b: Dict[str, Tensor], steps: int) -> Dict[str, Tensor]:
+    """:func:`conjugate_gradient` for a batch of independent systems (leading dim of every tensor of
+    ``b``), all advanced together; a system that meets non-positive curvature stops where it is
+    (keeping ``b`` if on the first step) while the others go on. Tested equal to the per-system loop."""
+    n = next(iter(b.values())).shape[0]
+
+    def dot(a, c):  # one value per system
+        return sum((a[k] * c[k]).reshape(n, -1).sum(1) for k in a)
+
+    def bc(t, like):  # a per-system scalar, broadcast against a batched tensor
+        return t.reshape((n,) + (1,) * (like.dim() - 1))
+
+    x = {k: torch.zeros_like(v) for k, v in b.items()}
+    r = dict(b)
+    p = dict(b)
+    rs = dot(r, r)
+    active = torch.ones(n, dtype=torch.bool, device=rs.device)
+    first_stop = torch.zeros(n, dtype=torch.bool, device=rs.device)
+    for i in range(steps):
+        ap = matvec(p)
+        curv = dot(p, ap)
+        stop = active & ~(curv > 0)
+        if i == 0:
+            first_stop = stop
+        active = active & ~stop
+        alpha = torch.where(active, rs / torch.where(active, curv, torch.ones_like(curv)), torch.zeros_like(curv))
+        x = {k: x[k] + bc(alpha, x[k]) * p[k] for k in x}
+        r = {k: r[k] - bc(alpha, r[k]) * ap[k] for k in r}
+        rs_new = dot(r, r)
+        beta = torch.where(active, rs_new / rs.clamp_min(1e-30), torch.zeros_like(rs))
+        p = {k: r[k] + bc(beta, p[k]) * p[k] for k in p}
+        rs = torch.where(active, rs_new, rs)
+    return {k: torch.where(bc(first_stop, v), b[k], v) for k, v in x.items()}
+
+
+def imaml_meta_gradient(theta, batch: Episode, model, loss_fn, cfg: MAMLConfig, inner_steps, inner_lr, metric=None,
+                        use_vmap: bool = True):
+    """Mean over the tasks of ``batch`` of the iMAML meta-gradient. Returns (grads, loss, metric).
+    ``use_vmap=False`` is the readable reference: :func:`imaml_task_gradient` task by task."""
     n = batch.xs.shape[0]
-    total, losses, mets = None, [], []
-    for i in range(n):
-        g, l, m = imaml_task_gradient(theta, Episode(*(x[i] for x in batch)), model, loss_fn, cfg,
-                                      inner_steps, inner_lr, metric)
-        total = g if total is None else {k: total[k] + g[k] for k in g}
-        losses.append(l)
-        mets.append(m)
-    return {k: v / n for k, v in total.items()}, torch.stack(losses).mean(), torch.stack(mets).mean()
+    if not use_vmap:
+        total, losses, mets = None, [], []
+        for i in range(n):
+            g, l, m = imaml_task_gradient(theta, Episode(*(x[i] for x in batch)), model, loss_fn, cfg,
+                                          inner_steps, inner_lr, metric)
+            total = g if total is None else {k: total[k] + g[k] for k in g}
+            losses.append(l)
+            mets.append(m)
+        return {k: v / n for k, v in total.items()}, torch.stack(losses).mean(), torch.stack(mets).mean()
+    xs, ys, xq, yq = batch
+    lam = cfg.lam
+    theta = {k: v.detach() for k, v in theta.items()}
+
+    def task_loss(p, x, y):  # support or query loss of one task
+        return loss_fn(model.forward(p, x, 0)[0], y)
+
+    def solve(x, y):
+        phi = dict(theta)
+        for _ in range(inner_steps):
+            g = grad(task_loss)(phi, x, y)
+            phi = {k: phi[k] - inner_lr * (g[k] + lam * (phi[k] - theta[k])) for k in phi}
+        return phi
+
+    phis = {k: v.detach() for k, v in vmap(solve)(xs, ys).items()}
+    gq = vmap(grad(task_loss))(phis, xq, yq)
+
+    def hvp(phi, x, y, v):
+        return grad(lambda p: sum((gi * v[k]).sum() for k, gi in grad(task_loss)(p, x, y).items()))(phi)
+
+    def matvec(v):  # (I + H/lam) v for every task at once
+        hv = vmap(hvp)(phis, xs, ys, v)
+        return {k: v[k] + hv[k] / lam for k in v}
+
+    x = batched_conjugate_gradient(matvec, gq, cfg.cg_steps)
+    with torch.no_grad():
+        out = vmap(lambda p, a: model.forward(p, a, 0)[0])(phis, xq)
+        ql = torch.stack([loss_fn(out[i], yq[i]) for i in range(n)])
+        m = torch.stack([metric(out[i], yq[i]) for i in range(n)]) if metric is not None else ql
+    return {k: v.mean(0) for k, v in x.items()}, ql.mean(), m.mean()
 
 
 def imaml_adapt(model, theta, xs, ys, loss_fn, cfg: MAMLConfig, inner_steps, inner_lr):
