@@ -107,6 +107,16 @@ def _reduce(rows: List[Tensor], ids: List, T: int, like: Tensor) -> Tensor:
     return out
 
 
+def _column_square_sums(g: Tensor, p: Tensor, m: Tensor, v: Tensor, cfg: ArchConfig) -> Tensor:
+    """Column sums of ``element_columns(g, p, m, v) ** 2`` without building the (n, 23) matrix
+    (the first pass needs only these): (m * rsqrt(v + eps))^2 = m^2 / (v + eps), and so on."""
+    inv = torch.reciprocal(v + cfg.rms_eps)
+    lg = torch.log(p.abs() + 1e-8)
+    mm = m * m
+    return torch.cat([torch.stack([g.dot(g), p.dot(p), lg.dot(lg)]), mm.sum(0), (v * v).sum(0),
+                      (mm * inv).sum(0), inv.sum(0)])
+
+
 def _join(parts: List[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -154,19 +164,22 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
             v = b * v + one_b * (g * g).unsqueeze(-1)
             (new_m[t] if seg is None else pack_m).append(m)
             (new_v[t] if seg is None else pack_v).append(v)
-        cols = element_columns(g, p, m, v, cfg)
         # float64 statistics of this chunk: sums, and second moments centred on the chunk's
         # own mean (combined across chunks below, so no second pass over the accumulators)
-        m64, v64, p64, g64 = m.to(f64), v.to(f64), p.to(f64), g.to(f64)
         if seg is None:
+            # sums accumulate in float64 straight from the working dtype (no float64 copies of
+            # the chunk); the deviations from the chunk mean are small, so their squares are
+            # taken in the working dtype and summed in float64
             k = p.shape[0]
-            sm, sv, sp = m64.sum(), v64.sum(), p64.sum()
-            dm, dv, dp = m64 - sm / (k * D), v64 - sv / (k * D), p64 - sp / k
-            rows.append(torch.stack([p64.new_tensor(k), sm, sv, sp, (dm * dm).sum(), (dv * dv).sum(),
-                                     dp.dot(dp), p64.dot(p64), g64.dot(g64)]).unsqueeze(0))
-            sqs.append((cols * cols).sum(0, keepdim=True))
+            sm, sv, sp = m.sum(dtype=f64), v.sum(dtype=f64), p.sum(dtype=f64)
+            dm, dv, dp = m - (sm / (k * D)).to(dt), v - (sv / (k * D)).to(dt), p - (sp / k).to(dt)
+            rows.append(torch.stack([sm.new_tensor(k), sm, sv, sp, (dm * dm).sum(dtype=f64),
+                                     (dv * dv).sum(dtype=f64), (dp * dp).sum(dtype=f64),
+                                     (p * p).sum(dtype=f64), (g * g).sum(dtype=f64)]).unsqueeze(0))
+            sqs.append(_column_square_sums(g, p, m, v, cfg).unsqueeze(0))
             ids.append(torch.tensor([t], device=dev))
         else:
+            m64, v64, p64, g64 = m.to(f64), v.to(f64), p.to(f64), g.to(f64)
             seg, present = seg
             ones = torch.ones_like(p64)
             first = torch.zeros(T, 4, dtype=f64, device=dev).index_add(
@@ -180,6 +193,7 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
                 0, seg, torch.stack([(dm * dm).sum(-1), (dv * dv).sum(-1), dp * dp, p64 * p64,
                                      g64 * g64], dim=-1))
             rows.append(torch.cat([first, second], dim=-1).index_select(0, present))
+            cols = element_columns(g, p, m, v, cfg)
             sqs.append(torch.zeros(T, cols.shape[-1], dtype=dt, device=dev)
                        .index_add(0, seg, cols * cols).index_select(0, present))
             ids.append(present)
