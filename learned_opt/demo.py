@@ -1,6 +1,6 @@
 """Train one small model twice, with LearnedOptimizer and with Adam, and compare.
 
-    python -m learned_opt.demo [--steps 1000] [--seed 0]
+    python -m learned_opt.demo [--steps 1000] [--seed 0] [--weights NAME_OR_PATH]
 
 The task is generated locally (nothing is downloaded): 20-dimensional inputs labelled into 10
 classes by a fixed random teacher network, learned by a 3-layer MLP at batch 128.
@@ -62,14 +62,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", default=DEFAULT_WEIGHTS, help="shipped weights name or .safetensors path")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = make_data(args.seed)
     log_every = max(1, args.steps // 5)
-    print(f"Task: 3-layer MLP (19k params), synthetic 10-class data, batch 128, {args.steps} steps")
-    print(f"LearnedOptimizer weights: {DEFAULT_WEIGHTS} (defaults, no tuning)\n")
+    print(f"Task: 3-layer MLP (20k params), synthetic 10-class data, batch 128, {args.steps} steps")
+    print(f"LearnedOptimizer weights: {args.weights} (no tuning)\n")
     results = [
-        run("LearnedOptimizer", lambda p: LearnedOptimizer(p), data, args.steps, args.seed, log_every),
+        run("LearnedOptimizer", lambda p: LearnedOptimizer(p, weights=args.weights), data, args.steps, args.seed, log_every),
         run("Adam lr=1e-3", lambda p: torch.optim.Adam(p, lr=1e-3), data, args.steps, args.seed, log_every),
     ]
     head = f"{'step':>6} " + " ".join(f"{r['name']:>18}" for r in results)
