@@ -117,6 +117,13 @@ def _column_square_sums(g: Tensor, p: Tensor, m: Tensor, v: Tensor, cfg: ArchCon
                       (mm * inv).sum(0), inv.sum(0)])
 
 
+def _values(xs, dt, dev) -> Tensor:
+    """Per-tensor hyperparameters (numbers or 0-d tensors) as one vector."""
+    if all(isinstance(x, (int, float)) for x in xs):
+        return torch.tensor(xs, dtype=dt, device=dev)
+    return torch.stack([torch.as_tensor(x, dtype=dt, device=dev) for x in xs])
+
+
 def _join(parts: List[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -239,8 +246,8 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
     # runs several times slower than two gemv calls on CPU
     w_dir, w_mag = wl[:, 0].contiguous(), wl[:, 1].contiguous()
     b_dir, b_mag = bl[0], bl[1]
-    lr = torch.stack([torch.as_tensor(x, dtype=dt, device=dev) for x in lrs])
-    decay = 1 - lr * torch.stack([torch.as_tensor(x, dtype=dt, device=dev) for x in wds])
+    lr = _values(lrs, dt, dev)
+    decay = 1 - lr * _values(wds, dt, dev)
     rate = cfg.magnitude_rate
     large = {c[0] for c in plan.large}
     write_p = work.inplace and all(P[t].data_ptr() == work.originals[0][t].data_ptr() for t in large)
