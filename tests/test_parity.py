@@ -1,11 +1,17 @@
 """The fast path equals the readable reference.
 
-Free-running comparisons use the shipped weights: with random meta-weights the inner
-training dynamics are chaotic (a 1e-8 relative nudge to the parameters grows to ~1e-4 within
-40 steps even in float64 with one implementation), so any two float32 implementations drift
-apart for reasons that have nothing to do with their correctness. For random weights we
-therefore also compare one step at a time along a 200-step trajectory (both implementations
-fed the same parameters and state at every step), and free-running in float64.
+Free-running float32 comparisons need weights whose inner training is not chaotic. With random
+meta-weights, and also with the meta-trained default (`rnn-mlp-pes-mix-v1`), it is: a 1e-7
+relative nudge to the initial parameters grows to ~7e-3 after these 200 steps in float64 with
+the reference alone, and the float32 reference ends 140% away from the float64 one (measured
+when the default changed). Any two float32 implementations then drift apart for reasons that
+have nothing to do with their correctness. So:
+
+* free-running over 200 steps: float32 within 1e-5 with `adam-like-init-v0` (stable
+  dynamics), float64 within 1e-10 with the default and with random weights;
+* one step at a time along 200-step trajectories (both implementations fed the same
+  parameters and state at every step), float32 within 1e-5, with the default and with random
+  weights.
 """
 
 import pytest
@@ -13,7 +19,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from helpers import MixedRanks, batch, make, random_weights, train
-from learned_opt import MetaNetwork
+from learned_opt import MetaNetwork, load_weights
 from learned_opt.functional import init_state, lopt_step, observe_validation_loss
 
 
@@ -38,20 +44,23 @@ def _run_pair(dtype, weights, chunk, steps=200):
     return _max_rel(out["fast"], out["reference"])
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("dtype,weights,tol", [(torch.float32, "adam-like-init-v0", 1e-5),
+                                               (torch.float64, None, 1e-10)])
 @pytest.mark.parametrize("chunk", [None, 29])
-def test_free_running_200_steps_shipped_weights(dtype, tol, chunk):
-    assert _run_pair(dtype, None, chunk) < tol
+def test_free_running_200_steps_shipped_weights(dtype, weights, tol, chunk):
+    assert _run_pair(dtype, weights, chunk) < tol
 
 
 def test_free_running_200_steps_random_weights_float64():
     assert _run_pair(torch.float64, random_weights(), 29) < 1e-10
 
 
+@pytest.mark.parametrize("which", ["random", "default"])
 @pytest.mark.parametrize("chunk", [None, 29])
-def test_stepwise_200_steps_random_weights_float32(chunk):
+def test_stepwise_200_steps_float32(chunk, which):
     """Every step of a 200-step trajectory: same inputs -> same outputs (params and state)."""
-    w = {k: v.detach() for k, v in random_weights().weights().items()}
+    net = random_weights() if which == "random" else load_weights()[0]
+    w = {k: v.detach() for k, v in net.weights().items()}
     model = MixedRanks(torch.float32)
     params = [p.detach().clone() for p in model.parameters()]
     state = init_state(w, params)
