@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ALGOS = {
     "maml": ["--algorithm", "maml", "--inner-steps", "5", "--inner-lr", "0.01"],
     "mamlpp": ["--algorithm", "mamlpp", "--inner-steps", "5", "--inner-lr", "0.01"],
-    "imaml": ["--algorithm", "imaml", "--inner-steps", "10", "--inner-lr", "0.02", "--lam", "1.0", "--cg-steps", "5"],
+    "imaml": ["--algorithm", "imaml", "--inner-steps", "10", "--inner-lr", "0.01", "--lam", "2.0", "--cg-steps", "5"],
     "joint": ["--algorithm", "joint", "--inner-steps", "1", "--inner-lr", "0.01"],
 }
 
@@ -41,7 +41,8 @@ def main(argv=None):
             subprocess.run(cmd, check=True, cwd=os.path.join(HERE, ".."))
             with open(os.path.join(HERE, "..", out, "eval.json")) as f:
                 res = json.load(f)
-            table[f"K={shots}/{name}"] = {"mse": res["mse"], "ci95": res["ci95"], "tasks": res["tasks"],
+            table[f"K={shots}/{name}"] = {"mse": res["mse"], "ci95": res["ci95"], "median": res.get("median"),
+                                          "worst": res.get("worst"), "tasks": res["tasks"],
                                           "adaptation_steps": res["inner_steps"], "outer_steps": res["outer_steps"],
                                           "command": "python " + " ".join(a for a in cmd[1:] if a != "--resume")}
             print(table[f"K={shots}/{name}"], flush=True)

@@ -182,7 +182,9 @@ class FewShotTrainer:
                 values.append(float(self.metric(out, ep.yq) if self.metric else self.loss_fn(out, ep.yq)))
         mean, ci = mean_ci95(values)
         name = "accuracy" if self.metric else "mse"
-        return {name: mean, "ci95": ci, "tasks": n_tasks, "inner_steps": steps, "outer_steps": self.step}
+        srt = sorted(values)
+        return {name: mean, "ci95": ci, "median": srt[len(srt) // 2], "worst": srt[0] if self.metric else srt[-1],
+                "tasks": n_tasks, "inner_steps": steps, "outer_steps": self.step}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
