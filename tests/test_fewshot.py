@@ -13,7 +13,7 @@ from torch.func import grad, hessian
 from meta_train.fewshot.data import (Episode, FewShotClasses, OmniglotError, Sinusoid, load_omniglot,
                                      stack_episodes, vinyals_split)
 from meta_train.fewshot.maml import (MAMLConfig, batched_conjugate_gradient, conjugate_gradient, imaml_meta_gradient,
-                                     imaml_task_gradient, init_meta,
+                                     imaml_task_gradient, init_meta, proximal_step,
                                      maml_task_loss, meta_gradient, msl_weights)
 from meta_train.fewshot.models import FunctionalModel, conv4, from_module
 
@@ -195,6 +195,18 @@ def test_imaml_vmap_over_tasks_equals_the_per_task_reference():
     for k in gv:
         assert torch.allclose(gv[k], gl[k], rtol=1e-8, atol=1e-11), k
     assert torch.allclose(lv, ll)
+
+
+def test_proximal_step_and_its_gradient_clip():
+    phi = {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0])}
+    theta = {"a": torch.zeros(2), "b": torch.zeros(1)}
+    g = {"a": torch.tensor([30.0, 40.0]), "b": torch.tensor([0.0])}  # global norm 50
+    plain = proximal_step(phi, g, theta, 0.1, 2.0)
+    assert torch.allclose(plain["a"], phi["a"] - 0.1 * (g["a"] + 2.0 * phi["a"]))
+    assert all(torch.equal(plain[k], proximal_step(phi, g, theta, 0.1, 2.0, clip=100.0)[k]) for k in phi)
+    clipped = proximal_step(phi, g, theta, 0.1, 2.0, clip=5.0)  # the loss gradient scaled to norm 5
+    assert torch.allclose(clipped["a"], phi["a"] - 0.1 * (g["a"] / 10 + 2.0 * phi["a"]))
+    assert torch.allclose(clipped["b"], phi["b"] - 0.1 * 2.0 * phi["b"])
 
 
 def test_sinusoid_and_episodes_are_seeded():

@@ -28,7 +28,7 @@ def _add_config(p: argparse.ArgumentParser):
                  "epoch_len", "seed", "checkpoint_every", "channels", "msl_epochs",
                  "derivative_annealing_epochs", "cg_steps"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("inner_lr", "outer_lr", "min_outer_lr", "lam"):
+    for name in ("inner_lr", "outer_lr", "min_outer_lr", "lam", "inner_clip"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     for name in ("msl", "lslr", "bn_per_step", "cosine_lr", "use_vmap"):
         p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",

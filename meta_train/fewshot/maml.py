@@ -41,6 +41,7 @@ class MAMLConfig:
     # iMAML
     lam: float = 2.0
     cg_steps: int = 5
+    inner_clip: float = 0.0  # > 0: clip the global norm of the inner loss gradient (iMAML solver)
 
 
 def msl_weights(steps: int, epoch: float, msl_epochs: int) -> Tensor:
@@ -174,6 +175,18 @@ def conjugate_gradient(matvec: Callable, b: Dict[str, Tensor], steps: int) -> Di
     return x
 
 
+def proximal_step(phi: Dict[str, Tensor], g: Dict[str, Tensor], theta: Dict[str, Tensor], lr: float,
+                  lam: float, clip: float = 0.0) -> Dict[str, Tensor]:
+    """One gradient step on ``L(phi) + lam/2 |phi - theta|^2`` given ``g = grad L(phi)``. With
+    ``clip > 0`` the global norm of ``g`` is first clipped to ``clip``: the iMAML meta-gradient
+    depends only on the inner solution, not on the path to it, so a safer solver is allowed."""
+    if clip > 0:
+        norm = torch.sqrt(sum((v * v).sum() for v in g.values()))
+        scale = torch.clamp(clip / (norm + 1e-12), max=1.0)
+        g = {k: v * scale for k, v in g.items()}
+    return {k: phi[k] - lr * (g[k] + lam * (phi[k] - theta[k])) for k in phi}
+
+
 def imaml_task_gradient(theta: Dict[str, Tensor], episode: Episode, model: FunctionalModel, loss_fn,
                         cfg: MAMLConfig, inner_steps: int, inner_lr: float, metric=None):
     """iMAML meta-gradient of one task. Returns (grads like theta, query loss, metric)."""
@@ -190,7 +203,7 @@ def imaml_task_gradient(theta: Dict[str, Tensor], episode: Episode, model: Funct
     phi = dict(theta)
     for _ in range(inner_steps):
         g = grad(support_loss)(phi)
-        phi = {k: phi[k] - inner_lr * (g[k] + lam * (phi[k] - theta[k])) for k in phi}
+        phi = proximal_step(phi, g, theta, inner_lr, lam, cfg.inner_clip)
     phi = {k: v.detach() for k, v in phi.items()}
     gq = grad(query_loss)(phi)
 
@@ -266,7 +279,7 @@ def imaml_meta_gradient(theta, batch: Episode, model, loss_fn, cfg: MAMLConfig, 
         phi = dict(theta)
         for _ in range(inner_steps):
             g = grad(task_loss)(phi, x, y)
-            phi = {k: phi[k] - inner_lr * (g[k] + lam * (phi[k] - theta[k])) for k in phi}
+            phi = proximal_step(phi, g, theta, inner_lr, lam, cfg.inner_clip)
         return phi
 
     phis = {k: v.detach() for k, v in vmap(solve)(xs, ys).items()}
@@ -293,7 +306,7 @@ def imaml_adapt(model, theta, xs, ys, loss_fn, cfg: MAMLConfig, inner_steps, inn
     phi = dict(theta)
     for _ in range(inner_steps):
         g = grad(lambda p: loss_fn(model.forward(p, xs, 0)[0], ys))(phi)
-        phi = {k: phi[k] - inner_lr * (g[k] + cfg.lam * (phi[k] - theta[k])) for k in phi}
+        phi = proximal_step(phi, g, theta, inner_lr, cfg.lam, cfg.inner_clip)
     return phi
 
 

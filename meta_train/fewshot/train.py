@@ -56,6 +56,7 @@ class FewShotConfig:
     # iMAML
     lam: float = 2.0
     cg_steps: int = 5
+    inner_clip: float = 0.0  # iMAML: clip the inner loss gradient's global norm (0: off)
 
     def validate(self):
         if self.algorithm not in ALGORITHMS:
@@ -79,7 +80,7 @@ class FewShotTrainer:
         self.mcfg = MAMLConfig(inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
                                first_order=cfg.algorithm == "fomaml", multi_step_loss=pp and cfg.msl,
                                msl_epochs=cfg.msl_epochs, learn_inner_lr=pp and cfg.lslr,
-                               lam=cfg.lam, cg_steps=cfg.cg_steps)
+                               lam=cfg.lam, cg_steps=cfg.cg_steps, inner_clip=cfg.inner_clip)
         if cfg.dataset == "sinusoid":
             q = cfg.queries or 10
             self.train_data = Sinusoid(cfg.shots, q, seed=cfg.seed)
