@@ -266,3 +266,35 @@ def test_real_omniglot_vinyals_split():
     assert train.shape[0] == 4800 and test.shape[0] == 1692
     assert torch.equal(train[1], torch.rot90(data[0], 1, dims=(-2, -1)))
     assert 0.02 < data.float().mean().item() / 255 < 0.4  # ink is a minority of pixels
+
+
+def test_fewshot_resume_equals_uninterrupted_and_checks_the_config(tmp_path):
+    from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
+
+    def cfg(**kw):
+        return FewShotConfig(algorithm="mamlpp", dataset="sinusoid", shots=5, inner_steps=2, meta_batch=3,
+                             steps=4, epoch_len=2, msl_epochs=1, checkpoint_every=2, **kw)
+
+    whole = FewShotTrainer(cfg(), str(tmp_path / "whole"))
+    whole.run(progress=False)
+    part = FewShotTrainer(cfg(), str(tmp_path / "part"))
+    for _ in range(2):
+        part.outer_step()
+    part.save()  # as if the process died right after the step-2 checkpoint
+    resumed = FewShotTrainer(cfg(), str(tmp_path / "part"))
+    resumed.run(resume=True, progress=False)
+    assert resumed.step == 4
+    for g, d in whole.meta.items():
+        for k, v in d.items():
+            assert torch.equal(v, resumed.meta[g][k]), (g, k)
+
+    # a checkpoint written before an option existed resumes when the option is at its default ...
+    sd = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    del sd["config"]["inner_clip"]
+    torch.save(sd, tmp_path / "part" / "checkpoint.pt")
+    FewShotTrainer(cfg(), str(tmp_path / "part")).load()
+    # ... and not when it is set otherwise, nor when a saved setting differs
+    with pytest.raises(RuntimeError, match="inner_clip"):
+        FewShotTrainer(cfg(inner_clip=1.0), str(tmp_path / "part")).load()
+    with pytest.raises(RuntimeError, match="inner_lr"):
+        FewShotTrainer(cfg(inner_lr=0.5), str(tmp_path / "part")).load()

@@ -207,8 +207,14 @@ class FewShotTrainer:
             sd = torch.load(path, weights_only=True)
         except Exception as e:
             raise RuntimeError(f"{path}: cannot read the checkpoint ({e})") from None
-        if sd["config"] != dataclasses.asdict(self.cfg):
-            diff = {k: (sd["config"].get(k), v) for k, v in dataclasses.asdict(self.cfg).items() if sd["config"].get(k) != v}
+        # an option added after the checkpoint was written is absent from its config: it ran
+        # with that option's default, which is what the saved run means
+        defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)}
+        saved = {k: sd["config"].get(k, defaults[k]) for k in defaults}
+        now = dataclasses.asdict(self.cfg)
+        if saved != now or set(sd["config"]) - set(defaults):
+            diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(sd["config"])
+                    if saved.get(k, sd["config"].get(k)) != now.get(k)}
             raise RuntimeError(f"{path}: written with another configuration (saved, now): {diff}")
         with torch.no_grad():
             for g, d in sd["meta"].items():
