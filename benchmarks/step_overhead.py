@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from common import interleaved_medians, write_result  # noqa: E402
-from learned_opt import LearnedOptimizer  # noqa: E402
+from learned_opt import LearnedOptimizer, native  # noqa: E402
 
 FLOPS_PER_PARAM = 2 * (23 * 32 + 32 * 32 + 32 * 2)
 SIZES = {"10k": (16, 3, 64), "100k": (40, 5, 256), "1M": (112, 6, 1024), "10M": (320, 8, 4096)}
@@ -199,7 +199,7 @@ def main(argv=None):
     whole = whole_steps(max(args.repeats, 15))
     write_result(args.out, "step_overhead.py", argv, {
         "benchmark": "step_overhead", "flops_per_param": FLOPS_PER_PARAM, "matmul_peak_gflops": peak,
-        "sizes": sizes, "whole_training_step": whole})
+        "native_kernel": native.status().split("\n")[0], "sizes": sizes, "whole_training_step": whole})
 
 
 if __name__ == "__main__":

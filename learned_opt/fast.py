@@ -21,6 +21,11 @@ The Python loop is over chunks, not over tensors or elements. Compared with the 
   state is one chunk's temporaries. The functional default (used under ``vmap`` by
   meta-training) returns new tensors.
 
+In the in-place path on CPU (float32, outside autograd) whole large tensors go instead to a
+compiled kernel, :mod:`learned_opt.native` (``csrc/mlp_pass.cpp``), which fuses each pass into
+one sweep with no temporaries of the tensor's size; it is built on first use and the code
+below is its fallback where no compiler works (``LEARNED_OPT_NATIVE=0`` forces the fallback).
+
 Two passes read the accumulators: the first updates them and takes the per-tensor statistics
 (float64 sums, second moments centred per chunk and combined across chunks, and the mean
 square of every MLP column); the second runs the MLP and the update.
@@ -34,6 +39,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import native
 from .config import ArchConfig
 from .functional import element_columns
 
@@ -159,7 +165,19 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     new_m, new_v = {t: [] for t in large}, {t: [] for t in large}
     pack_m, pack_v = [], []
     rows, sqs, ids = [], [], []
+    # the compiled kernel takes whole large tensors where it can; its rows are per block of
+    # elements, combined below exactly like the chunks' rows
+    native_t = _native_ok(P, G, M, V, large, in_place)
+    if native_t:
+        kernel, amt = native.get(), float(amount)
+        for t in sorted(native_t):
+            r, q = kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps)
+            rows.append(r)
+            sqs.append(q.to(dt))
+            ids.append(torch.full((r.shape[0],), t, dtype=torch.long, device=dev))
     for t, seg, p, g, m, v in _chunks((P, G, M, V, pack), plan):
+        if t in native_t:
+            continue
         g = torch.clamp(g, -amount, amount)
         # the same operations as the reference, rounding included: a mean of m that nearly
         # cancels makes the log|mean| statistic sensitive to the last bit (no fused addcmul)
@@ -229,6 +247,18 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     return work, raw
 
 
+def _native_ok(P, G, M, V, large, in_place: bool) -> set:
+    """The large tensors the compiled kernel can take: only in the in-place path (never under
+    ``vmap`` or autograd), float32 contiguous CPU tensors, and only where the kernel built."""
+    if not (in_place and large and native.enabled()) or torch.is_grad_enabled():
+        return set()
+    ok = {t for t in large if P[t].dtype == torch.float32 and P[t].device.type == "cpu"
+          and all(x.dtype == torch.float32 and x.is_contiguous() for x in (P[t], G[t], M[t], V[t]))}
+    if not ok or native.get() is None:
+        return set()
+    return ok
+
+
 def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_size=None):
     plan = work.plan
     P, G, M, V = work.p, work.g, work.m, work.v
@@ -255,7 +285,24 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
 
     hsums, ids = [], []
     pack_parts = []
+    # the compiled kernel takes whole large tensors where it can (in place, float32 on CPU)
+    native_t = set()
+    if all(x.dtype == torch.float32 and x.device.type == "cpu" for x in w.values()):
+        native_t = _native_ok(P, G, M, V, large, write_p)
+    if native_t:
+        kernel = native.get()
+        hidden_w = [w[f"mlp_w{i}"].contiguous() for i in range(1, L)]
+        hidden_b = [w[f"mlp_b{i}"].contiguous() for i in range(1, L)]
+        amount = float(work.amount)
+        for t in sorted(native_t):
+            hs = kernel.mlp_pass(G[t], P[t], M[t], V[t], amount, cfg.rms_eps, w0s[t].contiguous(),
+                                 bias0[t].contiguous(), hidden_w, hidden_b, w_dir, w_mag, float(b_dir),
+                                 float(b_mag), rate, float(lr[t]), float(decay[t]))
+            hsums.append(hs.to(dt))
+            ids.append(t)
     for t, seg, p, g, m, v in _chunks((P, G, M, V, work.pack), plan):
+        if t in native_t:
+            continue
         seg = None if seg is None else seg[0]
         cols = element_columns(torch.clamp(g, -work.amount, work.amount), p, m, v, cfg)
         if seg is None:

@@ -1,0 +1,94 @@
+"""The optional compiled CPU kernel of the fast path (``csrc/mlp_pass.cpp``).
+
+On first use it is compiled with the machine's C++ compiler through
+``torch.utils.cpp_extension`` (about a minute, once; PyTorch caches the build under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``). Where no compiler works
+the fast path runs in plain PyTorch instead, with the same results up to float rounding, and
+says so once.
+
+``LEARNED_OPT_NATIVE=0`` turns the kernel off; ``LEARNED_OPT_NATIVE=1`` makes a failed build
+an error instead of a fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from typing import Optional
+
+_lock = threading.Lock()
+_module = None
+_failed: Optional[str] = None
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "mlp_pass.cpp")
+
+
+def _setting() -> str:
+    return os.environ.get("LEARNED_OPT_NATIVE", "auto").strip().lower()
+
+
+def enabled() -> bool:
+    return _setting() not in ("0", "off", "false", "no")
+
+
+def _build():
+    import hashlib
+
+    from torch.utils.cpp_extension import load
+
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    name = f"learned_opt_native_{digest}"  # a changed source builds afresh
+    errors = []
+    for flags in (["-O3", "-march=native", "-fno-math-errno"], ["-O3", "-fno-math-errno"]):
+        full = name + ("" if "-march=native" in flags else "_generic")
+        if not _cached(full):
+            print("learned_opt: compiling the native CPU kernel (once per machine, about a minute)...",
+                  file=sys.stderr, flush=True)
+        try:
+            return load(name=full, sources=[SOURCE], extra_cflags=flags, verbose=False)
+        except Exception as e:  # noqa: BLE001 - any build failure means: fall back
+            errors.append(f"{' '.join(flags)}: {type(e).__name__}: {str(e).strip()[-400:]}")
+    raise RuntimeError("\n".join(errors))
+
+
+def _cached(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = _get_build_directory(name, verbose=False)
+        return any(f.endswith((".so", ".pyd", ".dylib")) for f in os.listdir(folder))
+    except Exception:  # noqa: BLE001 - only decides whether to print a message
+        return False
+
+
+def get():
+    """The compiled module, or None where it is turned off or cannot be built."""
+    global _module, _failed
+    if _module is not None or _failed is not None or not enabled():
+        return _module
+    with _lock:
+        if _module is None and _failed is None:
+            try:
+                _module = _build()
+            except Exception as e:  # noqa: BLE001
+                _failed = str(e)
+                if _setting() in ("1", "on", "true", "yes"):
+                    raise RuntimeError(f"learned_opt: LEARNED_OPT_NATIVE=1 but the kernel did not build:\n{e}")
+                warnings.warn("learned_opt: the native CPU kernel did not build, so the fast path runs in "
+                              f"plain PyTorch (same results, slower). Set LEARNED_OPT_NATIVE=0 to skip the "
+                              f"attempt. Build error:\n{e}", RuntimeWarning, stacklevel=3)
+    return _module
+
+
+def status() -> str:
+    """'built', 'off', 'failed: ...' or 'not tried'."""
+    if not enabled():
+        return "off"
+    if _module is not None:
+        return "built"
+    if _failed is not None:
+        return "failed: " + _failed
+    return "not tried"

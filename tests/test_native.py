@@ -1,0 +1,151 @@
+"""The compiled CPU kernel (learned_opt/csrc/mlp_pass.cpp) against the plain-PyTorch fast path
+and the readable reference, and its fallback when it cannot be built.
+
+Shapes are chosen to hit the kernel's edges: an odd element count (its rows go in pairs),
+counts that are not multiples of its 16-row tiles or of its 2048-row blocks, and a tensor
+spanning several blocks; small tensors stay on the PyTorch path beside them."""
+
+import warnings
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from helpers import random_weights
+from learned_opt import LearnedOptimizer, load_weights, native
+from learned_opt.functional import init_state, lopt_step, observe_validation_loss
+
+SHAPES = [(4097,), (70, 65), (3, 1531), (5000,), (33,), (7, 3), ()]
+
+pytestmark = pytest.mark.skipif(not native.enabled(), reason="LEARNED_OPT_NATIVE=0")
+
+
+def _kernel():
+    mod = native.get()
+    if mod is None:
+        pytest.skip("the native kernel did not build on this machine: " + native.status())
+    return mod
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g) * 0.1 for s in SHAPES]
+    targets = [torch.randn(s, generator=g) * 0.1 for s in SHAPES]
+    scales = [torch.rand(s, generator=g) * 3 + 0.1 for s in SHAPES]
+    return params, targets, scales
+
+
+def _grads(ps, targets, scales, t):
+    g = torch.Generator().manual_seed(100 + t)
+    return [s * (p - q) + 0.01 * torch.randn(p.shape, generator=g) for p, q, s in zip(ps, targets, scales)]
+
+
+def _step(w, ps, grads, st, loss, impl, inplace, native_on, monkeypatch):
+    monkeypatch.setenv("LEARNED_OPT_NATIVE", "auto" if native_on else "0")
+    ps = [p.clone() for p in ps]
+    st = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, st)  # in place: use copies
+    with torch.no_grad():
+        return lopt_step(w, ps, grads, st, loss=loss, impl=impl, inplace=inplace, chunk_size=1000)
+
+
+@pytest.mark.parametrize("which", ["default", "random"])
+def test_kernel_step_equals_torch_path_and_reference_along_a_trajectory(which, monkeypatch):
+    _kernel()
+    net = load_weights()[0] if which == "default" else random_weights()
+    w = {k: v.detach() for k, v in net.weights().items()}
+    ps, targets, scales = _problem()
+    st = init_state(w, ps)
+    worst_ref = worst_torch = 0.0
+    for t in range(30):
+        grads = _grads(ps, targets, scales, t)
+        loss = torch.tensor(1.0 / (1 + t))
+        nat = _step(w, ps, grads, st, loss, "fast", True, True, monkeypatch)
+        tor = _step(w, ps, grads, st, loss, "fast", True, False, monkeypatch)
+        ref = _step(w, ps, grads, st, loss, "reference", False, False, monkeypatch)
+        (_, sn), (_, s_t), (pr, sr) = nat, tor, ref
+        # the accumulators are updated with the same roundings: bit for bit
+        for a, b in zip(sn.tensors, s_t.tensors):
+            assert torch.equal(a.mom, b.mom) and torch.equal(a.rms, b.rms)
+        fn, _ = tree_flatten(nat)
+        ft, _ = tree_flatten(tor)
+        fr, _ = tree_flatten(ref)
+        rel = lambda a, b: max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()  # noqa: E731
+                               for x, y in zip(a, b) if y.numel() and x.is_floating_point())
+        worst_torch, worst_ref = max(worst_torch, rel(fn, ft)), max(worst_ref, rel(fn, fr))
+        ps, st = pr, sr
+        if t % 10 == 0:
+            st = observe_validation_loss(st, loss * 1.1)
+    moved = max((a - b).abs().max().item() for a, b in zip(ps, _problem()[0]))
+    assert moved > 1e-3
+    assert worst_torch < 1e-5, worst_torch
+    assert worst_ref < 1e-5, worst_ref
+
+
+def test_optimizer_uses_the_kernel_and_matches_it_switched_off(monkeypatch):
+    _kernel()
+    out = {}
+    for mode in ("auto", "0"):
+        monkeypatch.setenv("LEARNED_OPT_NATIVE", mode)
+        ps, targets, scales = _problem(1)
+        ps = [torch.nn.Parameter(p) for p in ps]
+        opt = LearnedOptimizer(ps)
+        for t in range(5):
+            for p, g in zip(ps, _grads([p.detach() for p in ps], targets, scales, t)):
+                p.grad = g
+            opt.step(loss=1.0)
+        out[mode] = [p.detach().clone() for p in ps]
+    for a, b in zip(out["auto"], out["0"]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_kernel_is_not_used_under_autograd_or_for_float64(monkeypatch):
+    calls = []
+    mod = _kernel()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(mod, name)
+
+    monkeypatch.setattr(native, "get", lambda: Spy())
+    w = {k: v.detach() for k, v in load_weights()[0].weights().items()}
+    ps, targets, scales = _problem()
+    grads = _grads(ps, targets, scales, 0)
+    lopt_step(w, ps, grads, init_state(w, ps), inplace=False)  # functional: never the kernel
+    ps64 = [p.double() for p in ps]
+    with torch.no_grad():
+        lopt_step({k: v.double() for k, v in w.items()}, ps64, [g.double() for g in grads],
+                  init_state(w, ps64), inplace=True)
+    assert calls == []
+    with torch.no_grad():
+        lopt_step(w, [p.clone() for p in ps], grads, init_state(w, ps), inplace=True)
+    assert "mlp_pass" in calls and "stats_pass" in calls
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setenv("LEARNED_OPT_NATIVE", "auto")
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failed", None)
+
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(native, "_build", broken)
+    ps, targets, scales = _problem(2)
+    ps = [torch.nn.Parameter(p) for p in ps]
+    opt = LearnedOptimizer(ps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(2):
+            for p, g in zip(ps, _grads([p.detach() for p in ps], targets, scales, t)):
+                p.grad = g
+            opt.step()
+    msgs = [str(c.message) for c in caught if "native CPU kernel" in str(c.message)]
+    assert len(msgs) == 1 and "no compiler here" in msgs[0]
+    assert native.status().startswith("failed")
+    assert all(torch.isfinite(p).all() for p in ps)
+
+    monkeypatch.setattr(native, "_failed", None)
+    monkeypatch.setenv("LEARNED_OPT_NATIVE", "1")  # asked for explicitly: an error, not a fallback
+    with pytest.raises(RuntimeError, match="did not build"):
+        opt.step()
