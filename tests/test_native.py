@@ -149,3 +149,20 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setenv("LEARNED_OPT_NATIVE", "1")  # asked for explicitly: an error, not a fallback
     with pytest.raises(RuntimeError, match="did not build"):
         opt.step()
+
+
+def test_a_nan_gradient_spreads_as_in_the_torch_path(monkeypatch):
+    """The optimizer skips steps with non-finite gradients, but the functional step must still
+    treat NaN as the PyTorch path does (the clip lets it through) rather than hide it."""
+    _kernel()
+    w = {k: v.detach() for k, v in load_weights()[0].weights().items()}
+    ps, targets, scales = _problem(3)
+    grads = _grads(ps, targets, scales, 0)
+    grads[0][17] = float("nan")
+    st = init_state(w, ps)
+    (pn, sn), (pt, s_t) = [_step(w, ps, grads, st, None, "fast", True, on, monkeypatch) for on in (True, False)]
+    for a, b in zip(sn.tensors, s_t.tensors):
+        assert torch.equal(a.mom.isnan(), b.mom.isnan()) and torch.equal(a.rms.isnan(), b.rms.isnan())
+    assert sn.tensors[0].mom[17].isnan().all()
+    for a, b in zip(pn, pt):
+        assert torch.equal(a.isnan(), b.isnan())

@@ -30,12 +30,14 @@ inline v8 load8(const float* p) {
 }
 inline void store8(float* p, v8 x) { __builtin_memcpy(p, &x, sizeof(x)); }
 inline v8 splat(float a) { return v8{a, a, a, a, a, a, a, a}; }
+// clamp to [-a, a] that lets NaN through, as torch.clamp does (std::fmin/fmax would drop it)
+inline float clip(float x, float a) { return x > a ? a : (x < -a ? -a : x); }
 inline float hsum(v8 x) {
   return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
 }
-inline v8 relu(v8 x) {
+inline v8 relu(v8 x) {  // NaN passes, as in torch.relu
   v8 z = splat(0.f);
-  return x > z ? x : z;
+  return x < z ? z : x;
 }
 
 // out[r][:] = relu(bias + sum_k in[r][k] * W[k][:]) for the two rows r; W is (K, H) row-major
@@ -108,7 +110,7 @@ void run(const float* g, float* p, const float* m, const float* v, int64_t n, in
           mrs[j] = mt[j] * rs[j];
         }
         for (int r = 0; r < rows; ++r) {
-          sc[r][0] = std::fmin(std::fmax(g[t + r], -amount), amount);
+          sc[r][0] = clip(g[t + r], amount);
           sc[r][1] = p[t + r];
           sc[r][2] = std::log(std::fabs(p[t + r]) + 1e-8f);
         }
@@ -221,7 +223,7 @@ void stats_run(const float* g, const float* p, float* m, float* v, int64_t n, in
       for (int64_t t = lo; t < hi; t += kTile) {
         const int rows = (int)std::min<int64_t>(kTile, hi - t);
         for (int r = 0; r < rows; ++r) {
-          const float gi = std::fmin(std::fmax(g[t + r], -amount), amount);
+          const float gi = clip(g[t + r], amount);
           const float gg = gi * gi;
           for (int d = 0; d < D; ++d) {
             ge[r * D + d] = gi;
