@@ -84,6 +84,7 @@ class _Work(NamedTuple):
     scale: Tensor  # (T, E) column scales
     inplace: bool
     originals: Tuple[List[Tensor], List[Tensor], List[Tensor]]  # params, mom, rms as given
+    native: frozenset  # large tensors whose first pass ran in the compiled kernel
 
 
 def _chunks(work_or_lists, plan: _Plan):
@@ -243,7 +244,7 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     raw = torch.stack([mean_m, cent[:, 0] / (n64 * D), mean_v, cent[:, 1] / (n64 * D),
                        mean_p, cent[:, 2] / n64, tot[:, 7], tot[:, 8]], dim=-1)
     work = _Work(P, G, M, V, pack, amount, [x.shape for x in params], n, plan, scale, inplace,
-                 (list(params), list(mom), list(rms)))
+                 (list(params), list(mom), list(rms)), frozenset(native_t))
     return work, raw
 
 
@@ -286,9 +287,11 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
     hsums, ids = [], []
     pack_parts = []
     # the compiled kernel takes whole large tensors where it can (in place, float32 on CPU)
+    # (the same tensors as in the first pass, where the parameters are written in place and
+    # the meta-weights are float32 on the CPU too)
     native_t = set()
-    if all(x.dtype == torch.float32 and x.device.type == "cpu" for x in w.values()):
-        native_t = _native_ok(P, G, M, V, large, write_p)
+    if write_p and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in w.values()):
+        native_t = work.native
     if native_t:
         kernel = native.get()
         hidden_w = [w[f"mlp_w{i}"].contiguous() for i in range(1, L)]

@@ -1,8 +1,10 @@
-// The second per-element pass of the fast path (learned_opt/fast.py, mlp_update) for one
-// whole tensor, fused: element columns -> MLP -> direction and magnitude -> parameter update,
-// plus the column sum of the last hidden layer (for the per-tensor messages).
+// The two per-element passes of the fast path (learned_opt/fast.py) for one whole tensor, each
+// fused into one sweep:
+// * stats_pass (tensor_statistics): clip, accumulator update, per-block statistics;
+// * mlp_pass (mlp_update): element columns -> MLP -> direction and magnitude -> parameter
+//   update, plus the column sum of the last hidden layer (for the per-tensor messages).
 //
-// Nothing of size n is allocated: each pair of elements is carried from its inputs to its
+// Nothing of size n is allocated: in mlp_pass each pair of elements is carried from its inputs to its
 // update in registers and a few small stack arrays. Vectors are GCC/Clang vector extensions,
 // so the compiler maps them to the machine's own SIMD (AVX2, AVX-512, NEON). Elements are
 // taken two at a time so that every weight vector loaded serves two rows.
@@ -157,7 +159,7 @@ torch::Tensor mlp_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch:
   const int64_t n = p.numel();
   const int D = (int)(m.numel() / std::max<int64_t>(n, 1));
   const int H = (int)w0.size(1);
-  TORCH_CHECK(H % 8 == 0 && H <= kMaxHidden && H / 8 >= 1 && H / 8 <= 8, "hidden width must be 8..64, a multiple of 8");
+  TORCH_CHECK(H % 8 == 0 && H >= 8 && H <= kMaxHidden, "hidden width must be 8..64, a multiple of 8");
   TORCH_CHECK(3 + 4 * D == w0.size(0) && D <= 16, "column count mismatch");
   for (auto* t : {&g, &p, &m, &v, &w0, &b0, &wdir, &wmag})
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat && t->device().is_cpu(),
@@ -170,8 +172,7 @@ torch::Tensor mlp_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch:
     bp.push_back(bs[l].data_ptr<float>());
   }
   const int64_t blocks = (n + kBlock - 1) / kBlock;
-  auto partial = torch::empty({std::max<int64_t>(blocks, 1), H}, p.options());
-  partial.zero_();
+  auto partial = torch::zeros({std::max<int64_t>(blocks, 1), H}, p.options());
 #define LOPT_RUN(HV)                                                                               \
   run<HV>(g.data_ptr<float>(), p.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), n, D, \
           (float)amount, (float)rms_eps, w0.data_ptr<float>(), b0.data_ptr<float>(), wp, bp,         \

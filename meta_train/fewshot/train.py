@@ -218,9 +218,9 @@ class FewShotTrainer:
         defaults = {f.name: f.default for f in dataclasses.fields(self.cfg)}
         saved = {k: sd["config"].get(k, defaults[k]) for k in defaults}
         now = dataclasses.asdict(self.cfg)
-        if saved != now or set(sd["config"]) - set(defaults):
-            diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(sd["config"])
-                    if saved.get(k, sd["config"].get(k)) != now.get(k)}
+        diff = {k: (saved[k], now[k]) for k in defaults if saved[k] != now[k]}
+        diff.update({k: (sd["config"][k], None) for k in set(sd["config"]) - set(defaults)})
+        if diff:
             raise RuntimeError(f"{path}: written with another configuration (saved, now): {diff}")
         with torch.no_grad():
             for g, d in sd["meta"].items():
