@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Sequence
 
-import torch
 from torch import Tensor
 from torch.func import grad_and_value
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,7 @@ from .estimators import PESAccumulator, antithetic_estimate
 from .outer import OuterOptimizer
 from .population import Group, UnrollSettings
 from .tasks import get_family
-from .tasks.base import _mix, generator
+from .tasks.base import generator
 
 CHECKPOINT_VERSION = 1
 

@@ -1,7 +1,6 @@
 """Meta-training: task API, exact resume, outer optimizers, non-finite guards, workers."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -11,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from learned_opt import load_weights
 from meta_train.population import UnrollSettings

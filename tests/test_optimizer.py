@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from helpers import MixedRanks, batch, make, random_weights, train
-from learned_opt import DEFAULT_WEIGHTS, LearnedOptimizer, MetaNetwork
+from learned_opt import DEFAULT_WEIGHTS, LearnedOptimizer
 
 
 def params_of(model):
@@ -203,6 +203,27 @@ def test_nonfinite_gradients_skip_the_step_and_are_counted():
                 assert torch.equal(s[key], st[k][key])
     train(model, opt, 2)  # and training goes on
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_huge_finite_gradients_are_stepped_and_inf_is_skipped():
+    # the fast finiteness check (fused 2-norms) overflows beyond ~1e19; a finite gradient that
+    # large must still be stepped, while a real inf is skipped
+    model = MixedRanks()
+    opt = make(model)
+    train(model, opt, 1)
+    before = params_of(model)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert not same(before, params_of(model))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.state_dict()["state"][0]["nonfinite_skips"] == 0
+    model.fc.grad[0, 0] = float("-inf")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()
+    assert opt.state_dict()["state"][0]["nonfinite_skips"] == 1
 
 
 # ------------------------------------------------------------------ loss, lr, decay, maximize
@@ -407,7 +428,7 @@ def test_lr_schedulers(name):
     }[name]()
     lrs = []
     for t in range(4):
-        loss = train(model, opt, 1, start=t)[0]
+        train(model, opt, 1, start=t)
         sched.step(1.0) if name == "plateau" else sched.step()
         lrs.append(opt.param_groups[0]["lr"])
     assert len(set(lrs)) > 1, lrs

@@ -6,8 +6,9 @@
 //
 // Nothing of size n is allocated: in mlp_pass each pair of elements is carried from its inputs to its
 // update in registers and a few small stack arrays. Vectors are GCC/Clang vector extensions,
-// so the compiler maps them to the machine's own SIMD (AVX2, AVX-512, NEON). Elements are
-// taken two at a time so that every weight vector loaded serves two rows.
+// so the compiler maps them to the machine's own SIMD (AVX2, AVX-512, NEON). Rows are taken
+// three at a time so that every weight vector loaded serves three rows; the per-element
+// scalar work (sqrt, divide, log, exp) is done for a tile of rows at once in vectors.
 //
 // Reference: learned_opt/reference.py; tested equal to it in tests/test_native.py.
 
@@ -16,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -42,52 +44,112 @@ inline v8 relu(v8 x) {  // NaN passes, as in torch.relu
   return x < z ? z : x;
 }
 
-// out[r][:] = relu(bias + sum_k in[r][k] * W[k][:]) for the two rows r; W is (K, H) row-major
-template <int HV>
-inline void layer(const float* in0, const float* in1, int K, const float* W, const float* bias,
-                  float* out0, float* out1) {
-  v8 a0[HV], a1[HV];
-  for (int j = 0; j < HV; ++j) a0[j] = a1[j] = load8(bias + 8 * j);
-  for (int k = 0; k < K; ++k) {
-    const float* w = W + (int64_t)k * HV * 8;
-    v8 x0 = splat(in0[k]), x1 = splat(in1[k]);
-    for (int j = 0; j < HV; ++j) {
-      v8 wj = load8(w + 8 * j);
-      a0[j] += x0 * wj;
-      a1[j] += x1 * wj;
-    }
-  }
-  for (int j = 0; j < HV; ++j) {
-    store8(out0 + 8 * j, relu(a0[j]));
-    store8(out1 + 8 * j, relu(a1[j]));
-  }
+// an empty asm that claims to change x: x must then sit in a register, so a value loaded once
+// is not folded into several instructions as repeated memory operands
+#if defined(__x86_64__) || defined(__i386__)
+inline void in_register(v8& x) { asm("" : "+x"(x)); }
+#elif defined(__aarch64__)
+inline void in_register(v8& x) { asm("" : "+w"(x)); }
+#else
+inline void in_register(v8&) {}
+#endif
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8i bits(v8 x) {
+  v8i i;
+  __builtin_memcpy(&i, &x, sizeof(i));
+  return i;
+}
+inline v8 from_bits(v8i i) {
+  v8 x;
+  __builtin_memcpy(&x, &i, sizeof(x));
+  return x;
 }
 
-// the first layer for two rows straight from their column groups: three scalars (g, p, log|p|)
-// and four groups of D (m, v, m * rs, rs), W0 being (3 + 4D, H) row-major
-template <int HV>
-inline void first_layer(const float* s0, const float* s1, const float* const* grp0, const float* const* grp1,
-                        int D, const float* W, const float* bias, float* out0, float* out1) {
-  v8 a0[HV], a1[HV];
-  for (int j = 0; j < HV; ++j) a0[j] = a1[j] = load8(bias + 8 * j);
-  auto acc = [&](float x0, float x1, const float* w) {
-    v8 y0 = splat(x0), y1 = splat(x1);
-    for (int j = 0; j < HV; ++j) {
-      v8 wj = load8(w + 8 * j);
-      a0[j] += y0 * wj;
-      a1[j] += y1 * wj;
-    }
-  };
-  for (int k = 0; k < 3; ++k) acc(s0[k], s1[k], W + (int64_t)k * HV * 8);
-  for (int q = 0; q < 4; ++q)
-    for (int d = 0; d < D; ++d) acc(grp0[q][d], grp1[q][d], W + (int64_t)(3 + q * D + d) * HV * 8);
-  for (int j = 0; j < HV; ++j) {
-    store8(out0 + 8 * j, relu(a0[j]));
-    store8(out1 + 8 * j, relu(a1[j]));
-  }
+// Natural log of eight floats. x = 2^e * f with f in [sqrt(1/2), sqrt(2)); log f = 2 atanh(s),
+// s = (f - 1) / (f + 1), |s| < 0.172, by its series to s^9 (truncation below 1e-9 relative);
+// about 2 ulp. Only for normal positive finite lanes: the caller redoes any other lane with
+// std::log (zero, subnormal, negative, inf, NaN).
+inline v8 log8(v8 x) {
+  const v8i b = bits(x);
+  v8i e = ((b >> 23) & 0xff) - 127;
+  v8 f = from_bits((b & 0x007fffff) | 0x3f800000);  // in [1, 2)
+  const v8i big = f > splat(1.41421356f);
+  f = big ? f * splat(0.5f) : f;
+  e = e - big;  // big is -1 where true
+  const v8 s = (f - splat(1.f)) / (f + splat(1.f));
+  const v8 s2 = s * s;
+  v8 q = splat(1.f / 9.f);
+  q = q * s2 + splat(1.f / 7.f);
+  q = q * s2 + splat(1.f / 5.f);
+  q = q * s2 + splat(1.f / 3.f);
+  const v8 logf = (s + s) + (s + s) * (s2 * q);
+  const v8 ef = __builtin_convertvector(e, v8);
+  // ln 2 in two parts: the first has few enough bits that e * part is exact
+  return ef * splat(0.693145752f) + (logf + ef * splat(1.42860677e-6f));
 }
 
-constexpr int kTile = 16;  // rows whose columns are computed together (vectorised sqrt, divide)
+// exp of eight floats: y = k ln2 + r, |r| <= ln2 / 2, exp r by its Taylor series to r^7
+// (truncation below 1e-8 relative), times 2^k built in the exponent bits. Only for |y| < 87;
+// the caller redoes other lanes (NaN included) with std::exp.
+inline v8 exp8(v8 y) {
+  y = ((y < splat(87.f)) & (y > splat(-87.f))) ? y : splat(0.f);  // no float-to-int overflow
+  const v8 t = y * splat(1.44269504f);
+  const v8i k = __builtin_convertvector(t + (t < splat(0.f) ? splat(-0.5f) : splat(0.5f)), v8i);
+  const v8 kf = __builtin_convertvector(k, v8);
+  const v8 r = (y - kf * splat(0.693145752f)) - kf * splat(1.42860677e-6f);
+  v8 q = splat(1.f / 5040.f);
+  q = q * r + splat(1.f / 720.f);
+  q = q * r + splat(1.f / 120.f);
+  q = q * r + splat(1.f / 24.f);
+  q = q * r + splat(1.f / 6.f);
+  q = q * r + splat(0.5f);
+  q = q * r + splat(1.f);
+  q = q * r + splat(1.f);
+  return q * from_bits((k + 127) << 23);
+}
+
+// out[i] = log(x[i]) for n <= N values (N a multiple of 8); lanes outside log8's range go
+// through std::log
+template <int N>
+inline void log_n(const float* x, float* out, int n) {
+  alignas(32) float buf[N];
+  for (int i = 0; i < N; ++i) buf[i] = i < n ? x[i] : 1.f;
+  for (int j = 0; j < N; j += 8) store8(out + j, log8(load8(buf + j)));
+  for (int i = 0; i < n; ++i)  // (buf, since out may be x)
+    if (!(buf[i] >= 1.17549435e-38f && buf[i] <= 3.40282347e38f)) out[i] = std::log(buf[i]);
+}
+
+// R rows at once: every weight vector loaded serves R rows. acc[r][j] starts at the bias and
+// takes in[r][k] * W[k][8j..8j+8) for each input k; W is (K, H) row-major.
+template <int HV, int R>
+struct Rows {
+  v8 acc[R][HV];
+  inline void start(const float* bias) {
+    for (int j = 0; j < HV; ++j) {
+      const v8 bj = load8(bias + 8 * j);
+      for (int r = 0; r < R; ++r) acc[r][j] = bj;
+    }
+  }
+  inline void add(const float* const* in, int k, const float* w) {
+    v8 x[R];
+    for (int r = 0; r < R; ++r) x[r] = splat(in[r][k]);
+    for (int j = 0; j < HV; ++j) {
+      v8 wj = load8(w + 8 * j);
+      in_register(wj);  // one load serves the R rows (compilers otherwise reload it per row)
+      for (int r = 0; r < R; ++r) acc[r][j] += x[r] * wj;
+    }
+  }
+  inline void finish(float (*out)[kMaxHidden]) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < HV; ++j) store8(out[r] + 8 * j, relu(acc[r][j]));
+  }
+};
+
+constexpr int kTile = 24;  // rows whose columns are computed together (vectorised sqrt, divide, log, exp)
+constexpr int kR = 3;      // rows per micro-kernel call: 3 x (H / 8) accumulators stay in registers
+static_assert(kTile % 8 == 0 && kTile % kR == 0, "tiles are whole vectors and whole row groups");
 
 template <int HV>
 void run(const float* g, float* p, const float* m, const float* v, int64_t n, int D, float amount,
@@ -96,54 +158,85 @@ void run(const float* g, float* p, const float* m, const float* v, int64_t n, in
          float bmag, float rate, float lr, float decay, float* partial /* (blocks, H) */) {
   constexpr int H = HV * 8;
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t blo, int64_t bhi) {
-    alignas(32) float h0[kMaxHidden], h1[kMaxHidden], t0[kMaxHidden], t1[kMaxHidden];
-    alignas(32) float sc[kTile][3], rs[kTile * 16], mrs[kTile * 16];
+    alignas(32) float h[kR][kMaxHidden], t[kR][kMaxHidden];
+    alignas(32) float gc[kTile], pc[kTile], lp[kTile], rs[kTile * 16], mrs[kTile * 16];
+    alignas(32) float dv[kTile], ev[kTile];
     for (int64_t blk = blo; blk < bhi; ++blk) {
       v8 hsv[HV];
       for (int j = 0; j < HV; ++j) hsv[j] = splat(0.f);
       const int64_t lo = blk * kBlock, hi = std::min(n, lo + kBlock);
-      for (int64_t t = lo; t < hi; t += kTile) {
-        const int rows = (int)std::min<int64_t>(kTile, hi - t);
+      for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+        const int rows = (int)std::min<int64_t>(kTile, hi - t0);
         // the tile's columns: g (clipped), p, log(|p| + 1e-8); 1/sqrt(v + eps) and m times it
-        const float* mt = m + t * D;
-        const float* vt = v + t * D;
+        const float* mt = m + t0 * D;
+        const float* vt = v + t0 * D;
         for (int j = 0; j < rows * D; ++j) {
           rs[j] = 1.f / std::sqrt(vt[j] + rms_eps);
           mrs[j] = mt[j] * rs[j];
         }
         for (int r = 0; r < rows; ++r) {
-          sc[r][0] = clip(g[t + r], amount);
-          sc[r][1] = p[t + r];
-          sc[r][2] = std::log(std::fabs(p[t + r]) + 1e-8f);
+          gc[r] = clip(g[t0 + r], amount);
+          pc[r] = p[t0 + r];
+          lp[r] = std::fabs(pc[r]) + 1e-8f;
         }
-        for (int r = 0; r < rows; r += 2) {
-          const bool pair = r + 1 < rows;
-          const int r1 = pair ? r + 1 : r;  // an odd last row is computed twice, used once
-          const float* grp0[4] = {mt + r * D, vt + r * D, mrs + r * D, rs + r * D};
-          const float* grp1[4] = {mt + r1 * D, vt + r1 * D, mrs + r1 * D, rs + r1 * D};
-          first_layer<HV>(sc[r], sc[r1], grp0, grp1, D, w0, b0, h0, h1);
+        log_n<kTile>(lp, lp, rows);
+        for (int r = 0; r < rows; r += kR) {
+          // a short last group repeats its last row (computed again, used once)
+          int ri[kR];
+          for (int q = 0; q < kR; ++q) ri[q] = std::min(r + q, rows - 1);
+          Rows<HV, kR> acc;
+          acc.start(b0);
+          const float* in[kR];
+          for (int q = 0; q < kR; ++q) in[q] = gc + ri[q];
+          acc.add(in, 0, w0);
+          for (int q = 0; q < kR; ++q) in[q] = pc + ri[q];
+          acc.add(in, 0, w0 + 1 * H);
+          for (int q = 0; q < kR; ++q) in[q] = lp + ri[q];
+          acc.add(in, 0, w0 + 2 * H);
+          // four groups of D columns: m, v, m * rs, rs
+          const float* grp[4] = {mt, vt, mrs, rs};
+          for (int c = 0; c < 4; ++c) {
+            for (int q = 0; q < kR; ++q) in[q] = grp[c] + ri[q] * D;
+            for (int d = 0; d < D; ++d) acc.add(in, d, w0 + (3 + c * D + d) * H);
+          }
+          float(*cur)[kMaxHidden] = h;
+          float(*nxt)[kMaxHidden] = t;
+          acc.finish(cur);
           for (size_t l = 0; l < ws.size(); ++l) {
-            layer<HV>(h0, h1, H, ws[l], bs[l], t0, t1);
-            for (int j = 0; j < H; ++j) {
-              h0[j] = t0[j];
-              h1[j] = t1[j];
+            Rows<HV, kR> hid;
+            hid.start(bs[l]);
+            const float* hin[kR];
+            for (int q = 0; q < kR; ++q) hin[q] = cur[q];
+            for (int k = 0; k < H; ++k) hid.add(hin, k, ws[l] + k * H);
+            hid.finish(nxt);
+            std::swap(cur, nxt);
+          }
+          v8 dd[kR], ee[kR];
+          for (int q = 0; q < kR; ++q) dd[q] = ee[q] = splat(0.f);
+          for (int j = 0; j < HV; ++j) {
+            const v8 wd = load8(wdir + 8 * j), wm = load8(wmag + 8 * j);
+            for (int q = 0; q < kR; ++q) {
+              const v8 x = load8(cur[q] + 8 * j);
+              dd[q] += x * wd;
+              ee[q] += x * wm;
+              if (r + q < rows) hsv[j] += x;
             }
           }
-          v8 dd0 = splat(0.f), dd1 = dd0, ee0 = dd0, ee1 = dd0;
-          for (int j = 0; j < HV; ++j) {
-            const v8 x0 = load8(h0 + 8 * j), x1 = load8(h1 + 8 * j);
-            const v8 wd = load8(wdir + 8 * j), wm = load8(wmag + 8 * j);
-            dd0 += x0 * wd;
-            dd1 += x1 * wd;
-            ee0 += x0 * wm;
-            ee1 += x1 * wm;
-            hsv[j] += pair ? x0 + x1 : x0;
+          for (int q = 0; q < kR && r + q < rows; ++q) {
+            dv[r + q] = bdir + hsum(dd[q]);
+            ev[r + q] = rate * (bmag + hsum(ee[q]));
           }
-          const float d0 = bdir + hsum(dd0), d1 = bdir + hsum(dd1);
-          const float e0 = bmag + hsum(ee0), e1 = bmag + hsum(ee1);
-          const int64_t i = t + r, i1 = t + r1;
-          p[i] = p[i] * decay - lr * (d0 * std::exp(rate * e0));
-          if (pair) p[i1] = p[i1] * decay - lr * (d1 * std::exp(rate * e1));
+        }
+        // the update of the tile: p <- p * decay - lr * d * exp(rate * mag)
+        for (int j = 0; j < rows; j += 8) {
+          alignas(32) float ex[8];
+          const v8 y = load8(ev + j);
+          store8(ex, exp8(y));
+          for (int i = 0; i < 8 && j + i < rows; ++i) {
+            const float yi = ev[j + i];
+            const float x = std::fabs(yi) < 87.f ? ex[i] : std::exp(yi);
+            p[t0 + j + i] = pc[j + i] * decay - lr * (dv[j + i] * x);
+          }
         }
       }
       for (int j = 0; j < HV; ++j) store8(partial + blk * H + 8 * j, hsv[j]);
@@ -192,6 +285,27 @@ torch::Tensor mlp_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch:
   return partial.to(torch::kDouble).sum(0);
 }
 
+// sum over i < n of (x[i] - mean)^2 in float64
+typedef double v4d __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+inline double centred_sq(const float* x, int64_t n, double mean) {
+  const v4d mu = {mean, mean, mean, mean};
+  v4d a0 = {0, 0, 0, 0}, a1 = a0;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    v4f x0, x1;
+    __builtin_memcpy(&x0, x + i, sizeof(x0));
+    __builtin_memcpy(&x1, x + i + 4, sizeof(x1));
+    const v4d d0 = __builtin_convertvector(x0, v4d) - mu, d1 = __builtin_convertvector(x1, v4d) - mu;
+    a0 += d0 * d0;
+    a1 += d1 * d1;
+  }
+  const v4d a = a0 + a1;
+  double s = (a[0] + a[2]) + (a[1] + a[3]);
+  for (; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
+  return s;
+}
+
 // ----------------------------------------------------------------------------- first pass
 // Clip g, update the accumulators in place (m = b m + (1 - b) g, v = b v + (1 - b) g^2, each
 // product rounded before the sum, as in the reference: no fused multiply-add here) and take
@@ -223,6 +337,9 @@ void stats_run(const float* g, const float* p, float* m, float* v, int64_t n, in
       for (int j = 0; j < L; ++j) am[j] = av[j] = amm[j] = avv[j] = ami[j] = ai[j] = 0;
       for (int64_t t = lo; t < hi; t += kTile) {
         const int rows = (int)std::min<int64_t>(kTile, hi - t);
+        alignas(32) float lp[kTile];
+        for (int r = 0; r < rows; ++r) lp[r] = std::fabs(p[t + r]) + 1e-8f;
+        log_n<kTile>(lp, lp, rows);
         for (int r = 0; r < rows; ++r) {
           const float gi = clip(g[t + r], amount);
           const float gg = gi * gi;
@@ -231,7 +348,7 @@ void stats_run(const float* g, const float* p, float* m, float* v, int64_t n, in
             gge[r * D + d] = gg;
           }
           const float pi = p[t + r];
-          const float lg = std::log(std::fabs(pi) + 1e-8f);
+          const float lg = lp[r];
           sp += pi;
           spp += pi * pi;
           sgg += gg;
@@ -273,32 +390,10 @@ void stats_run(const float* g, const float* p, float* m, float* v, int64_t n, in
       }
       const double k = (double)(hi - lo);
       const double mean_m = sm / (k * D), mean_v = sv / (k * D), mean_p = sp / k;
-      // centred sums over the block (eight lanes, so the adds vectorise)
-      double dm8[8] = {0}, dv8[8] = {0};
+      // centred sums over the block, four float64 lanes at a time
       const int64_t len = (hi - lo) * D;
-      const float* mb = m + lo * D;
-      const float* vb = v + lo * D;
-      int64_t j = 0;
-      for (; j + 8 <= len; j += 8)
-        for (int l = 0; l < 8; ++l) {
-          const double dm = mb[j + l] - mean_m, dv = vb[j + l] - mean_v;
-          dm8[l] += dm * dm;
-          dv8[l] += dv * dv;
-        }
-      for (; j < len; ++j) {
-        const double dm = mb[j] - mean_m, dv = vb[j] - mean_v;
-        dm8[0] += dm * dm;
-        dv8[0] += dv * dv;
-      }
-      double dmm = 0, dvv = 0, dpp = 0;
-      for (int l = 0; l < 8; ++l) {
-        dmm += dm8[l];
-        dvv += dv8[l];
-      }
-      for (int64_t i = lo; i < hi; ++i) {
-        const double dp = p[i] - mean_p;
-        dpp += dp * dp;
-      }
+      double dmm = centred_sq(m + lo * D, len, mean_m), dvv = centred_sq(v + lo * D, len, mean_v);
+      const double dpp = centred_sq(p + lo, hi - lo, mean_p);
       double* r = rows + blk * 9;
       r[0] = k; r[1] = sm; r[2] = sv; r[3] = sp; r[4] = dmm; r[5] = dvv; r[6] = dpp; r[7] = spp; r[8] = sgg;
       double* q = sqs + blk * E;
