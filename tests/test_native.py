@@ -1,9 +1,10 @@
 """The compiled CPU kernel (learned_opt/csrc/mlp_pass.cpp) against the plain-PyTorch fast path
 and the readable reference, and its fallback when it cannot be built.
 
-Shapes are chosen to hit the kernel's edges: an odd element count (its rows go in pairs),
-counts that are not multiples of its 16-row tiles or of its 2048-row blocks, and a tensor
-spanning several blocks; small tensors stay on the PyTorch path beside them."""
+Shapes are chosen to hit the kernel's edges: element counts that are not multiples of its
+3-row groups, of its 24-row tiles or of its 2048-row blocks, and a tensor spanning several
+blocks; small tensors stay on the PyTorch path beside them. The kernel's own vector log and
+exp are checked at the edges of their ranges, where it hands lanes to the C library."""
 
 import warnings
 
@@ -166,3 +167,27 @@ def test_a_nan_gradient_spreads_as_in_the_torch_path(monkeypatch):
     assert sn.tensors[0].mom[17].isnan().all()
     for a, b in zip(pn, pt):
         assert torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.parametrize("mag_bias", [0.0, 8.6e4, -8.6e4, 9e4, -9e4, 1.2e5])
+def test_extreme_parameters_and_step_sizes_match_the_torch_path(mag_bias, monkeypatch):
+    """Parameters of every magnitude (zero, subnormal, tiny, large) go through the kernel's
+    vector log; magnitude outputs that push exp past float's range (rate 0.001 times
+    a bias near 9e4) go through its fallback, to inf or a subnormal as in PyTorch."""
+    _kernel()
+    w = {k: v.detach().clone() for k, v in load_weights()[0].weights().items()}
+    w["mlp_b2"][1] += mag_bias
+    ps, targets, scales = _problem(5)
+    special = torch.tensor([0.0, -0.0, 1e-45, -1e-40, 1e-38, 1e15, -1e15, 1e-8, 1.0, -7.5])
+    ps[0][: special.numel()] = special
+    grads = _grads(ps, targets, scales, 0)
+    st = init_state(w, ps)
+    (pn, sn), (pt, s_t) = [_step(w, ps, grads, st, None, "fast", True, on, monkeypatch) for on in (True, False)]
+    for a, b in zip(pn, pt):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        fin = a.isfinite() & b.isfinite()
+        if fin.any():  # as in the trajectory test: error relative to the tensor's largest value
+            err = ((a[fin] - b[fin]).abs().max() / b[fin].abs().max().clamp_min(1e-30)).item()
+            assert err < 1e-5, err
+    if abs(mag_bias) < 8e4:
+        assert all(bool(torch.isfinite(a).all()) for a in pn[1:])
