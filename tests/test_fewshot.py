@@ -323,3 +323,39 @@ def test_fewshot_resume_equals_uninterrupted_and_checks_the_config(tmp_path):
         FewShotTrainer(cfg(inner_clip=1.0), str(tmp_path / "part")).load()
     with pytest.raises(RuntimeError, match="inner_lr"):
         FewShotTrainer(cfg(inner_lr=0.5), str(tmp_path / "part")).load()
+
+
+def test_running_statistics_evaluation_adapts_as_trained(tmp_path):
+    """MAML++ evaluation with the per-step running statistics: the inner loop still normalises
+    with the support set's own batch statistics (the gradients the initialisation was
+    meta-learned for); only the queries are normalised with the running statistics of the
+    last step. The default normalises everything with batch statistics."""
+    from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
+    cfg = FewShotConfig(algorithm="mamlpp", dataset="omniglot", data_root=OMNIGLOT, ways=3, shots=1,
+                        inner_steps=2, meta_batch=2, steps=2, channels=8)
+    tr = FewShotTrainer(cfg, str(tmp_path / "run"))
+    for _ in range(2):
+        tr.outer_step()
+    assert tr.running is not None and tr.running.shape[0] == cfg.inner_steps + 1
+    calls = []
+    forward = tr.model.forward
+
+    def spy(params, x, step=0, stats=None):
+        calls.append((x.shape[0], step, stats))
+        return forward(params, x, step, stats)
+    tr.model.forward = spy
+    queries = cfg.ways * 15
+    for running in (False, True):
+        calls.clear()
+        tr.use_running_stats = running
+        res = tr.evaluate(3)
+        assert 0.0 <= res["accuracy"] <= 1.0
+        support = [c for c in calls if c[0] == cfg.ways * cfg.shots]
+        query = [c for c in calls if c[0] == queries]
+        assert len(support) == 3 * cfg.inner_steps and all(c[2] is None for c in support)
+        assert len(query) == 3 and all(c[1] == cfg.inner_steps for c in query)
+        for c in query:
+            if running:
+                assert torch.equal(c[2], tr.running[cfg.inner_steps])
+            else:
+                assert c[2] is None

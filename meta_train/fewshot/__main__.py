@@ -53,6 +53,9 @@ def main(argv=None):
     ev.add_argument("--out", required=True, help="the training run's folder")
     ev.add_argument("--tasks", type=int, default=600)
     ev.add_argument("--inner-steps", type=int, default=0, help="adaptation steps (0: the run's)")
+    ev.add_argument("--running-stats", action="store_true",
+                    help="MAML++: normalise each query with the per-step running batch-norm statistics "
+                         "instead of the query set's own (non-transductive)")
     ev.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -80,7 +83,14 @@ def main(argv=None):
         cfg = FewShotConfig(**json.load(f))
     trainer = FewShotTrainer(cfg, args.out)
     trainer.load()
+    if args.running_stats:
+        if not (trainer.bn_running and trainer.running is not None):
+            print("error: --running-stats needs a MAML++ run with per-step batch norm that has trained",
+                  file=sys.stderr)
+            return 2
+        trainer.use_running_stats = True
     res = trainer.evaluate(args.tasks, args.inner_steps or None)
+    res["bn_statistics"] = "running" if args.running_stats else "batch"
     print(json.dumps(res))
     if args.json:
         with open(args.json, "w") as f:

@@ -174,17 +174,19 @@ class FewShotTrainer:
                 p = imaml_adapt(self.model, meta["params"], ep.xs, ep.ys, self.loss_fn, self.mcfg, steps, cfg.inner_lr)
                 out = self.model.forward(p, ep.xq, 0)[0]
             else:
-                # batch statistics of each task's own support and query sets (the transductive
-                # setting of the MAML and MAML++ papers' figures). The per-step running statistics
-                # are collected during training but not used here: with them a 5-way 1-shot
-                # Omniglot run at 92% (batch statistics) scored 24%, an open bug.
-                stats = self.running if (self.use_running_stats and self.bn_running
-                                         and self.running is not None) else None
-                if stats is not None and steps > cfg.inner_steps:
-                    stats = torch.cat([stats, stats[-1:].expand(steps - cfg.inner_steps, *stats.shape[1:])])
-                p, _ = adapt(self.model, meta, ep.xs, ep.ys, self.loss_fn, steps, self.mcfg, False, stats=stats)
-                out = self.model.forward(p, ep.xq, min(steps, cfg.inner_steps),
-                                         None if stats is None else stats[min(steps, cfg.inner_steps)])[0]
+                # The inner loop always normalises with the support set's own batch statistics,
+                # as in training: the meta-learned initialisation and inner learning rates expect
+                # the gradients that flow through those statistics (with the running statistics
+                # held constant instead, a 5-way 1-shot Omniglot model at 92% fell to 24%).
+                # The queries are then normalised either with their own batch statistics (the
+                # transductive setting of the MAML and MAML++ papers' figures, the default) or,
+                # with use_running_stats, with the per-step running statistics of the last step
+                # collected in training, so that each query is classified on its own.
+                p, _ = adapt(self.model, meta, ep.xs, ep.ys, self.loss_fn, steps, self.mcfg, False)
+                final = min(steps, cfg.inner_steps)
+                stats = (self.running[final] if self.use_running_stats and self.bn_running
+                         and self.running is not None else None)
+                out = self.model.forward(p, ep.xq, final, stats)[0]
             with torch.no_grad():
                 values.append(float(self.metric(out, ep.yq) if self.metric else self.loss_fn(out, ep.yq)))
         mean, ci = mean_ci95(values)
