@@ -48,7 +48,6 @@ def _check_number(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name} value: {value} (must be finite and >= 0)")
 
 
-
 def _all_finite(tensors) -> bool:
     """Whether every element of every tensor is finite. The fused per-tensor 2-norms are fast
     but overflow to inf on finite values beyond ~1e19, so a non-finite answer is confirmed
@@ -58,6 +57,7 @@ def _all_finite(tensors) -> bool:
     if bool(torch.stack([x.float() for x in torch._foreach_norm(tensors, 2)]).isfinite().all()):
         return True
     return bool(torch.stack([x.float() for x in torch._foreach_norm(tensors, float("inf"))]).isfinite().all())
+
 
 class LearnedOptimizer(Optimizer):
     """A learned optimizer (per-tensor LSTM + per-parameter MLP) as a drop-in for Adam.
@@ -257,7 +257,7 @@ class LearnedOptimizer(Optimizer):
         nonempty = [g for g in grads if g.numel()]
         finite = _all_finite(nonempty)
         glob_st = self._global_state()
-        if not bool(finite):
+        if not finite:
             glob_st["nonfinite_skips"] += 1
             warnings.warn("LearnedOptimizer: non-finite gradient, step skipped "
                           f"({glob_st['nonfinite_skips']} so far)", RuntimeWarning, stacklevel=2)

@@ -4,8 +4,8 @@
 // * mlp_pass (mlp_update): element columns -> MLP -> direction and magnitude -> parameter
 //   update, plus the column sum of the last hidden layer (for the per-tensor messages).
 //
-// Nothing of size n is allocated: in mlp_pass each pair of elements is carried from its inputs to its
-// update in registers and a few small stack arrays. Vectors are GCC/Clang vector extensions,
+// Nothing of size n is allocated: in mlp_pass each group of three elements is carried from its
+// inputs to its update in registers and a few small stack arrays (one tile of 24 rows). Vectors are GCC/Clang vector extensions,
 // so the compiler maps them to the machine's own SIMD (AVX2, AVX-512, NEON). Rows are taken
 // three at a time so that every weight vector loaded serves three rows; the per-element
 // scalar work (sqrt, divide, log, exp) is done for a tile of rows at once in vectors.
@@ -392,7 +392,7 @@ void stats_run(const float* g, const float* p, float* m, float* v, int64_t n, in
       const double mean_m = sm / (k * D), mean_v = sv / (k * D), mean_p = sp / k;
       // centred sums over the block, four float64 lanes at a time
       const int64_t len = (hi - lo) * D;
-      double dmm = centred_sq(m + lo * D, len, mean_m), dvv = centred_sq(v + lo * D, len, mean_v);
+      const double dmm = centred_sq(m + lo * D, len, mean_m), dvv = centred_sq(v + lo * D, len, mean_v);
       const double dpp = centred_sq(p + lo, hi - lo, mean_p);
       double* r = rows + blk * 9;
       r[0] = k; r[1] = sm; r[2] = sv; r[3] = sp; r[4] = dmm; r[5] = dvv; r[6] = dpp; r[7] = spp; r[8] = sgg;
