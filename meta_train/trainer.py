@@ -83,6 +83,14 @@ def initial_theta(init: str) -> Dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in net.weights().items()}
 
 
+def _checkpoint_step_world(path: Path):
+    try:
+        obj = torch.load(path, weights_only=True)
+        return int(obj["step"]), int(obj["world"])
+    except Exception as e:  # a damaged file must not pass silently
+        raise RuntimeError(f"{path}: cannot read checkpoint: {e}") from None
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -112,8 +120,8 @@ class MetaTrainer:
         self.groups: Dict[int, Group] = {}
         self.pes = PESAccumulator(config.pairs, self.n_theta) if config.estimator == "pes" else None
         self.step = 0
-        ckpt = self._ckpt_path()
-        if resume and ckpt.exists():
+        ckpt = self._resume_point() if resume else None
+        if ckpt is not None:
             self._load(ckpt)
         else:
             if resume and rank == 0:
@@ -232,8 +240,53 @@ class MetaTrainer:
     def _ckpt_path(self) -> Path:
         return self.out / f"checkpoint-rank{self.rank}.pt"
 
+    def _prev_path(self) -> Path:
+        return self.out / f"checkpoint-rank{self.rank}.prev.pt"
+
+    def _resume_point(self) -> Optional[Path]:
+        """The checkpoint this worker resumes from, the same outer step on every worker.
+
+        Workers save independently, so one that dies can leave its newest checkpoint one save
+        behind the others'. With several workers each keeps its previous checkpoint too; the
+        workers exchange the steps they hold and all resume from the newest one every worker
+        has (or all start fresh when there is none).
+        """
+        held: Dict[int, Path] = {}
+        other_world = 0
+        for path in (self._prev_path(), self._ckpt_path()):
+            if path.exists():
+                step, world = _checkpoint_step_world(path)
+                held[step] = path
+                if world != self.world:
+                    other_world = world
+        if self.world == 1:
+            return held[max(held)] if held else None  # _load reports a different world
+        mine = torch.full((3,), -1, dtype=torch.int64)
+        for i, step in enumerate(sorted(held)[-2:]):
+            mine[i] = step
+        mine[2] = other_world
+        every = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        worlds = {int(other[2]) for other in every} - {0}
+        if worlds:
+            raise RuntimeError(f"{self.out}: checkpoints made with {sorted(worlds)} workers, "
+                               f"resumed with {self.world}")
+        common = set(held)
+        for other in every:
+            common &= {int(x) for x in other[:2] if x >= 0}
+        if common:
+            return held[max(common)]
+        if any(bool((other[:2] >= 0).any()) for other in every) and self.rank == 0:
+            print(f"[meta_train] the workers' checkpoints in {self.out} share no outer step; "
+                  "starting fresh", file=sys.stderr)
+        return None
+
     def save(self) -> None:
-        """Write this worker's checkpoint atomically, and (rank 0) the current weights."""
+        """Write this worker's checkpoint atomically, and (rank 0) the current weights.
+
+        With several workers the checkpoint it replaces is kept as ``.prev.pt`` (see
+        ``_resume_point``).
+        """
         obj = {
             "version": CHECKPOINT_VERSION, "config": self.c.to_json(), "step": self.step,
             "rank": self.rank, "world": self.world, "theta": {k: v.clone() for k, v in self.theta.items()},
@@ -241,7 +294,12 @@ class MetaTrainer:
             "pes_accum": self.pes.total if self.pes is not None else None,
             "groups": {g: grp.state_dict() for g, grp in self.groups.items()},
         }
+        if self.world > 1 and self._ckpt_path().exists():
+            os.replace(self._ckpt_path(), self._prev_path())
         _atomic_save(obj, self._ckpt_path())
+        self._write_weights()
+
+    def _write_weights(self) -> None:
         if self.rank == 0:
             save_weights(self.theta, self.out / "weights.safetensors", f"meta-trained-{self.c.family}",
                          metadata={"outer_steps": str(self.step), "config": self.c.to_json(),
@@ -271,6 +329,7 @@ class MetaTrainer:
             grp = self._new_group(g)
             grp.load_state_dict(obj["groups"][g])
             self.groups[g] = grp
+        self._write_weights()  # weights.safetensors may be ahead of the step resumed from
         if self.rank == 0:  # drop log lines written after the checkpoint
             log = self.out / "log.jsonl"
             if log.exists():

@@ -165,6 +165,19 @@ def test_two_workers_reach_the_same_meta_parameters_as_one(tmp_path):
     assert _theta(tmp_path / "one") == _theta(tmp_path / "two")
     assert (tmp_path / "two" / "checkpoint-rank1.pt").exists()
 
+    # Worker 1 died after worker 0 saved step 4 but before it saved its own: its newest
+    # checkpoint is step 2. Resuming must bring both workers back to step 2, not mix steps.
+    two = tmp_path / "two"
+    os.replace(two / "checkpoint-rank1.prev.pt", two / "checkpoint-rank1.pt")
+    assert torch.load(two / "checkpoint-rank0.pt", weights_only=True)["step"] == 4
+    assert torch.load(two / "checkpoint-rank1.pt", weights_only=True)["step"] == 2
+    again = _run(["--out", str(two), "--steps", "6", "--workers", "2", "--resume"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    one = _run(["--out", str(tmp_path / "one"), "--steps", "6", "--resume"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert _theta(tmp_path / "one") == _theta(two)
+    assert [json.loads(x)["step"] for x in (two / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
+
 
 def _children(pid):
     out = []
