@@ -116,12 +116,13 @@ def _reduce(rows: List[Tensor], ids: List, T: int, like: Tensor) -> Tensor:
 
 def _column_square_sums(g: Tensor, p: Tensor, m: Tensor, v: Tensor, cfg: ArchConfig) -> Tensor:
     """Column sums of ``element_columns(g, p, m, v) ** 2`` without building the (n, 23) matrix
-    (the first pass needs only these): (m * rsqrt(v + eps))^2 = m^2 / (v + eps), and so on."""
+    (the first pass needs only these): (m * rsqrt(v + eps))^2 = m^2 / (v + eps), and so on.
+    g, p are (..., n) and m, v (..., n, D); leading dimensions (a population's) are kept."""
     inv = torch.reciprocal(v + cfg.rms_eps)
     lg = torch.log(p.abs() + 1e-8)
     mm = m * m
-    return torch.cat([torch.stack([g.dot(g), p.dot(p), lg.dot(lg)]), mm.sum(0), (v * v).sum(0),
-                      (mm * inv).sum(0), inv.sum(0)])
+    return torch.cat([torch.stack([(g * g).sum(-1), (p * p).sum(-1), (lg * lg).sum(-1)], -1),
+                      mm.sum(-2), (v * v).sum(-2), (mm * inv).sum(-2), inv.sum(-2)], -1)
 
 
 def _values(xs, dt, dev) -> Tensor:
@@ -229,23 +230,31 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     if pack is not None:
         pack = (pack[0], pack[1], _join(pack_m), _join(pack_v))
 
-    # combine the chunks: sums add; centred moments add plus each chunk's n (mean_c - mean)^2
-    R, idx = torch.cat(rows), torch.cat(ids)
-    tot = torch.zeros(T, R.shape[1], dtype=f64, device=dev).index_add(0, idx, R)
+    idx = torch.cat(ids)
+    raw = combine_rows(torch.cat(rows), idx, n64, D)
+    sq = torch.zeros(T, cfg.n_element_cols, dtype=dt, device=dev).index_add(0, idx, torch.cat(sqs))
+    scale = torch.rsqrt(cfg.norm_eps + sq / n.unsqueeze(-1))
+    work = _Work(P, G, M, V, pack, amount, [x.shape for x in params], n, plan, scale, inplace,
+                 (list(params), list(mom), list(rms)), frozenset(native_t))
+    return work, raw
+
+
+def combine_rows(R: Tensor, idx: Tensor, n64: Tensor, D: int) -> Tensor:
+    """The (T, 8) raw statistics from float64 rows of blocks of elements, row j belonging to
+    tensor ``idx[j]`` of ``n64[idx[j]]`` elements. A row is (elements, sum m, sum v, sum p,
+    sums of squares of m, v, p centred on the block's own means, sum p^2, sum g^2). Sums add;
+    centred moments add plus each block's n (mean_block - mean)^2."""
+    T = n64.shape[0]
+    tot = torch.zeros(T, R.shape[1], dtype=R.dtype, device=R.device).index_add(0, idx, R)
     mean_m, mean_v, mean_p = tot[:, 1] / (n64 * D), tot[:, 2] / (n64 * D), tot[:, 3] / n64
     kc = R[:, 0].clamp_min(1)
     shift = torch.stack([
         D * kc * (R[:, 1] / (kc * D) - mean_m[idx]) ** 2,
         D * kc * (R[:, 2] / (kc * D) - mean_v[idx]) ** 2,
         kc * (R[:, 3] / kc - mean_p[idx]) ** 2], dim=-1)
-    cent = tot[:, 4:7] + torch.zeros(T, 3, dtype=f64, device=dev).index_add(0, idx, shift)
-    sq = torch.zeros(T, cfg.n_element_cols, dtype=dt, device=dev).index_add(0, idx, torch.cat(sqs))
-    scale = torch.rsqrt(cfg.norm_eps + sq / n.unsqueeze(-1))
-    raw = torch.stack([mean_m, cent[:, 0] / (n64 * D), mean_v, cent[:, 1] / (n64 * D),
-                       mean_p, cent[:, 2] / n64, tot[:, 7], tot[:, 8]], dim=-1)
-    work = _Work(P, G, M, V, pack, amount, [x.shape for x in params], n, plan, scale, inplace,
-                 (list(params), list(mom), list(rms)), frozenset(native_t))
-    return work, raw
+    cent = tot[:, 4:7] + torch.zeros(T, 3, dtype=R.dtype, device=R.device).index_add(0, idx, shift)
+    return torch.stack([mean_m, cent[:, 0] / (n64 * D), mean_v, cent[:, 1] / (n64 * D),
+                        mean_p, cent[:, 2] / n64, tot[:, 7], tot[:, 8]], dim=-1)
 
 
 def _native_ok(P, G, M, V, large, in_place: bool) -> set:

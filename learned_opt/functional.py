@@ -139,7 +139,12 @@ def update_training_loss(g: GlobalState, loss: Optional[Number], cfg: ArchConfig
     """Returns (new global state, training-loss feature). Non-finite losses are ignored."""
     if loss is None:
         return g, torch.zeros((), dtype=torch.float64, device=g.step.device)
-    loss = _as_scalar(loss, g.step.device)
+    return train_loss_statistics(g, _as_scalar(loss, g.step.device), cfg)
+
+
+def train_loss_statistics(g: GlobalState, loss: Tensor, cfg: ArchConfig):
+    """``update_training_loss`` for a float64 loss tensor; elementwise, so a population's
+    states (fields of shape (M,)) and losses (M,) work too."""
     ok = torch.isfinite(loss)
     safe = torch.where(ok, loss, torch.zeros_like(loss))
     d = cfg.train_loss_decay
@@ -183,7 +188,7 @@ def clip_amount(g: GlobalState, cfg: ArchConfig) -> Tensor:
 
 def update_clipper(g: GlobalState, mean_sq_per_tensor: Tensor, cfg: ArchConfig) -> GlobalState:
     """Running average of the RMS of the clipped gradients (mean over tensors of mean(g^2))."""
-    rms = torch.sqrt(1e-8 + mean_sq_per_tensor.to(torch.float64).mean())
+    rms = torch.sqrt(1e-8 + mean_sq_per_tensor.to(torch.float64).mean(-1))
     value = g.clip_value * cfg.clip_decay + rms * (1.0 - cfg.clip_decay)
     return g._replace(clip_t=g.clip_t + 1, clip_value=value)
 
@@ -210,19 +215,21 @@ def lstm_statistics(raw: Tensor, shapes, train_feat: Tensor, valid_feat: Tensor)
     """The 18 per-tensor LSTM statistics.
 
     ``raw`` is (T, 8): mean and variance of m (over elements and decays), of v and of p, then
-    the sums of squares of p and of the clipped gradient.
+    the sums of squares of p and of the clipped gradient. Leading dimensions (a population's
+    (M, T, 8), with loss features of shape (M,)) are carried through.
     """
     mean_m, var_m, mean_v, var_v, mean_p, var_p, ss_p, ss_g = raw.unbind(-1)
-    shp = torch.tensor(shape_features(shapes), dtype=raw.dtype, device=raw.device)
-    T = raw.shape[0]
+    lead = raw.shape[:-1]
+    shp = torch.tensor(shape_features(shapes), dtype=raw.dtype, device=raw.device).expand(*lead, -1)
     cols = [
         clip_log_abs(mean_m), torch.sign(mean_m), clip_log_abs(var_m),
         clip_log_abs(mean_v), torch.sign(mean_v), clip_log_abs(var_v),
         clip_log_abs(mean_p), torch.sign(mean_p), clip_log_abs(var_p),
         clip_log_abs(torch.sqrt(ss_p)), clip_log_abs(torch.sqrt(ss_g)),
-        shp[:, 4],
-    ] + [shp[:, j] for j in range(N_SHAPE_DIMS)] + [
-        train_feat.to(raw.dtype).expand(T), valid_feat.to(raw.dtype).expand(T),
+        shp[..., 4],
+    ] + [shp[..., j] for j in range(N_SHAPE_DIMS)] + [
+        train_feat.to(raw.dtype).unsqueeze(-1).expand(lead),
+        valid_feat.to(raw.dtype).unsqueeze(-1).expand(lead),
     ]
     return torch.stack(cols, dim=-1)
 
@@ -238,18 +245,19 @@ def lstm_cell(w: Dict[str, Tensor], x: Tensor, h: Tensor, c: Tensor):
 
 def step_sinusoids(step: Tensor, dtype) -> Tensor:
     tau = torch.tensor(TIMESCALES, dtype=dtype, device=step.device)
-    return torch.sin(step.to(dtype) / (tau * math.pi))
+    return torch.sin(step.to(dtype).unsqueeze(-1) / (tau * math.pi))
 
 
 def tensor_constants(step: Tensor, n_tensors: int, ss_p: Tensor, numels: Sequence[int],
                      to_mlp: Tensor) -> Tensor:
     """(T, 31) MLP inputs constant over a tensor: step sinusoids, log(#tensors) - 1,
-    log(||p|| + 1e-8), log(numel), and the 17 values from the LSTM."""
-    T, dt = to_mlp.shape[0], to_mlp.dtype
-    sin = step_sinusoids(step, dt).expand(T, -1)
-    count = torch.full((T, 1), math.log(n_tensors) - 1.0, dtype=dt, device=to_mlp.device)
+    log(||p|| + 1e-8), log(numel), and the 17 values from the LSTM. Leading dimensions (a
+    population's steps (M,), ``ss_p`` (M, T) and ``to_mlp`` (M, T, 17)) are carried through."""
+    lead, dt = to_mlp.shape[:-1], to_mlp.dtype
+    sin = step_sinusoids(step, dt).unsqueeze(-2).expand(*lead, -1)
+    count = torch.full((*lead, 1), math.log(n_tensors) - 1.0, dtype=dt, device=to_mlp.device)
     log_norm = torch.log(torch.sqrt(ss_p) + 1e-8).unsqueeze(-1)
-    log_n = torch.log(torch.tensor(numels, dtype=dt, device=to_mlp.device)).unsqueeze(-1)
+    log_n = torch.log(torch.tensor(numels, dtype=dt, device=to_mlp.device)).unsqueeze(-1).expand(*lead, 1)
     return torch.cat([sin, count, log_norm, log_n, to_mlp], dim=-1)
 
 

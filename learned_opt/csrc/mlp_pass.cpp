@@ -244,6 +244,21 @@ void run(const float* g, float* p, const float* m, const float* v, int64_t n, in
   });
 }
 
+// run<HV> for a hidden width H (a multiple of 8, at most kMaxHidden)
+template <typename... A>
+void run_width(int H, A&&... a) {
+  switch (H / 8) {
+    case 1: run<1>(std::forward<A>(a)...); break;
+    case 2: run<2>(std::forward<A>(a)...); break;
+    case 3: run<3>(std::forward<A>(a)...); break;
+    case 4: run<4>(std::forward<A>(a)...); break;
+    case 5: run<5>(std::forward<A>(a)...); break;
+    case 6: run<6>(std::forward<A>(a)...); break;
+    case 7: run<7>(std::forward<A>(a)...); break;
+    default: run<8>(std::forward<A>(a)...); break;
+  }
+}
+
 // Updates p in place and returns the column sums of the last hidden layer (float64, (H,)).
 torch::Tensor mlp_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch::Tensor v,
                        double amount, double rms_eps, torch::Tensor w0, torch::Tensor b0,
@@ -266,22 +281,10 @@ torch::Tensor mlp_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch:
   }
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   auto partial = torch::zeros({std::max<int64_t>(blocks, 1), H}, p.options());
-#define LOPT_RUN(HV)                                                                               \
-  run<HV>(g.data_ptr<float>(), p.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), n, D, \
-          (float)amount, (float)rms_eps, w0.data_ptr<float>(), b0.data_ptr<float>(), wp, bp,         \
-          wdir.data_ptr<float>(), wmag.data_ptr<float>(), (float)bdir, (float)bmag, (float)rate,      \
-          (float)lr, (float)decay, partial.data_ptr<float>())
-  switch (H / 8) {
-    case 1: LOPT_RUN(1); break;
-    case 2: LOPT_RUN(2); break;
-    case 3: LOPT_RUN(3); break;
-    case 4: LOPT_RUN(4); break;
-    case 5: LOPT_RUN(5); break;
-    case 6: LOPT_RUN(6); break;
-    case 7: LOPT_RUN(7); break;
-    default: LOPT_RUN(8); break;
-  }
-#undef LOPT_RUN
+  run_width(H, g.data_ptr<float>(), p.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), n, D,
+            (float)amount, (float)rms_eps, w0.data_ptr<float>(), b0.data_ptr<float>(), wp, bp,
+            wdir.data_ptr<float>(), wmag.data_ptr<float>(), (float)bdir, (float)bmag, (float)rate, (float)lr,
+            (float)decay, partial.data_ptr<float>());
   return partial.to(torch::kDouble).sum(0);
 }
 
@@ -427,9 +430,88 @@ std::vector<torch::Tensor> stats_pass(torch::Tensor g, torch::Tensor p, torch::T
   return {rows, sqs};
 }
 
+// ------------------------------------------------------------------- a population at once
+// The two passes for one tensor of each of M population members (meta-training), each member
+// with its own folded weights: the member loop runs here rather than in Python. g, p are
+// (M, n), m, v (M, n, D); per-member weights carry a leading M. Same arithmetic as above.
+
+void check_members(const std::vector<torch::Tensor>& ts, int64_t M) {
+  for (const auto& t : ts)
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == torch::kFloat && t.device().is_cpu() && t.dim() >= 1 &&
+                    t.size(0) == M,
+                "contiguous float32 CPU tensors with the member dimension first expected");
+}
+
+torch::Tensor mlp_pass_members(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch::Tensor v,
+                               std::vector<double> amounts, double rms_eps, torch::Tensor w0, torch::Tensor b0,
+                               std::vector<torch::Tensor> ws, std::vector<torch::Tensor> bs, torch::Tensor wdir,
+                               torch::Tensor wmag, std::vector<double> bdir, std::vector<double> bmag,
+                               double rate, double lr, double decay) {
+  const int64_t M = p.size(0);
+  TORCH_CHECK(p.dim() == 2 && (int64_t)amounts.size() == M && (int64_t)bdir.size() == M && (int64_t)bmag.size() == M,
+              "one amount and output bias per member expected");
+  const int64_t n = p.size(1);
+  const int D = (int)(m.numel() / std::max<int64_t>(M * n, 1));
+  const int H = (int)w0.size(2);
+  TORCH_CHECK(H % 8 == 0 && H >= 8 && H <= kMaxHidden, "hidden width must be 8..64, a multiple of 8");
+  TORCH_CHECK(3 + 4 * D == w0.size(1) && D <= 16, "column count mismatch");
+  check_members({g, p, m, v, w0, b0, wdir, wmag}, M);
+  check_members(ws, M);
+  check_members(bs, M);
+  const int E = 3 + 4 * D;
+  bool sizes = g.numel() == M * n && v.numel() == m.numel() && m.numel() == M * n * D && w0.numel() == M * E * H &&
+               b0.numel() == M * H && wdir.numel() == M * H && wmag.numel() == M * H && bs.size() == ws.size();
+  for (size_t l = 0; l < ws.size(); ++l) sizes = sizes && ws[l].numel() == M * H * H && bs[l].numel() == M * H;
+  TORCH_CHECK(sizes, "member tensors of inconsistent sizes");
+  const int64_t blocks = std::max<int64_t>((n + kBlock - 1) / kBlock, 1);
+  auto partial = torch::zeros({M, blocks, H}, p.options());
+  for (int64_t i = 0; i < M; ++i) {
+    std::vector<const float*> wp, bp;
+    for (size_t l = 0; l < ws.size(); ++l) {
+      wp.push_back(ws[l].data_ptr<float>() + i * H * H);
+      bp.push_back(bs[l].data_ptr<float>() + i * H);
+    }
+    run_width(H, g.data_ptr<float>() + i * n, p.data_ptr<float>() + i * n, m.data_ptr<float>() + i * n * D,
+              v.data_ptr<float>() + i * n * D, n, D, (float)amounts[i], (float)rms_eps,
+              w0.data_ptr<float>() + i * E * H, b0.data_ptr<float>() + i * H, wp, bp,
+              wdir.data_ptr<float>() + i * H, wmag.data_ptr<float>() + i * H, (float)bdir[i], (float)bmag[i],
+              (float)rate, (float)lr, (float)decay, partial.data_ptr<float>() + i * blocks * H);
+  }
+  return partial.to(torch::kDouble).sum(1);
+}
+
+// Returns (rows (M, blocks, 9), column square sums (M, blocks, E)); m and v updated.
+std::vector<torch::Tensor> stats_pass_members(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch::Tensor v,
+                                              std::vector<double> amounts, torch::Tensor b, torch::Tensor one_b,
+                                              double rms_eps) {
+  const int64_t M = p.size(0);
+  TORCH_CHECK(p.dim() == 2 && (int64_t)amounts.size() == M, "one amount per member expected");
+  const int64_t n = p.size(1);
+  const int D = (int)(m.numel() / std::max<int64_t>(M * n, 1));
+  TORCH_CHECK(D >= 1 && D <= 16 && b.numel() == D && one_b.numel() == D, "decay count mismatch");
+  check_members({g, p, m, v}, M);
+  TORCH_CHECK(g.numel() == M * n && v.numel() == m.numel() && m.numel() == M * n * D, "member tensors of inconsistent sizes");
+  for (auto* t : {&b, &one_b})
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == torch::kFloat && t->device().is_cpu(),
+                "contiguous float32 CPU tensors expected");
+  const int64_t blocks = std::max<int64_t>((n + kBlock - 1) / kBlock, 1);
+  const int E = 3 + 4 * D;
+  auto opts = p.options().dtype(torch::kDouble);
+  auto rows = torch::zeros({M, blocks, 9}, opts);
+  auto sqs = torch::zeros({M, blocks, E}, opts);
+  for (int64_t i = 0; i < M; ++i)
+    stats_run(g.data_ptr<float>() + i * n, p.data_ptr<float>() + i * n, m.data_ptr<float>() + i * n * D,
+              v.data_ptr<float>() + i * n * D, n, D, (float)amounts[i], b.data_ptr<float>(),
+              one_b.data_ptr<float>(), (float)rms_eps, rows.data_ptr<double>() + i * blocks * 9,
+              sqs.data_ptr<double>() + i * blocks * E);
+  return {rows, sqs};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("stats_pass", &stats_pass, "first per-element pass of one tensor (updates m and v in place)");
   mod.def("mlp_pass", &mlp_pass, "fused per-element MLP pass of one tensor (updates p in place)");
+  mod.def("stats_pass_members", &stats_pass_members, "stats_pass for one tensor of each population member");
+  mod.def("mlp_pass_members", &mlp_pass_members, "mlp_pass for one tensor of each population member");
 }
