@@ -3,8 +3,10 @@
 A *group* trains ``pairs`` copies of one sampled task (same architecture; each pair has its
 own initialisation and data seed). For an outer step, every pair is evaluated at
 ``theta + sigma z`` and ``theta - sigma z``: the ``2 * pairs`` members are stacked and each
-inner step runs as one ``torch.func.vmap`` call over them (task forward/backward and learned
-optimizer step together). Both members of a pair see the same batches.
+inner step runs for all of them at once: the task's forward and backward as one
+``torch.func.vmap`` call, the learned-optimizer step as
+:func:`learned_opt.batched.population_step` (tested equal to ``vmap(lopt_step)``). Both
+members of a pair see the same batches.
 
 Truncated ES keeps one state per pair: both members start each truncation from it and the
 positive member's state is kept afterwards. PES keeps one state per member, as its estimate
@@ -23,8 +25,8 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from learned_opt import ArchConfig
-from learned_opt.functional import (GlobalState, LOptState, TensorState, init_state, lopt_step,
-                                   observe_validation_loss)
+from learned_opt.batched import population_step
+from learned_opt.functional import GlobalState, LOptState, TensorState, init_state, observe_validation_loss
 
 from .tasks.base import Task, TaskFamily, _mix, generator
 
@@ -102,15 +104,18 @@ class Group:
         if self._fns is None:
             task, names, cfg, lr = self.task, self.names, self.cfg, self.s.inner_lr
 
+            grad_fn = vmap(grad_and_value(task.loss))
+
             def inner(w, params, lstate, batch, pass_loss: bool):
-                grads, loss = grad_and_value(task.loss)(params, batch)
-                new_p, new_s = lopt_step(w, [params[k] for k in names], [grads[k] for k in names],
-                                         lstate, loss=loss if pass_loss else None, lr=lr, cfg=cfg)
+                grads, loss = grad_fn(params, batch)
+                with torch.no_grad():
+                    new_p, new_s = population_step(w, [params[k] for k in names], [grads[k] for k in names],
+                                                   lstate, loss=loss if pass_loss else None, lr=lr, cfg=cfg)
                 return dict(zip(names, new_p)), new_s, loss
 
             self._fns = {
-                True: vmap(lambda w, p, s, b: inner(w, p, s, b, True)),
-                False: vmap(lambda w, p, s, b: inner(w, p, s, b, False)),
+                True: lambda w, p, s, b: inner(w, p, s, b, True),
+                False: lambda w, p, s, b: inner(w, p, s, b, False),
                 "loss": vmap(task.loss),
                 "observe": vmap(lambda s, v: observe_validation_loss(s, v, cfg)),
                 "init": vmap(lambda w, p: init_state(w, [p[k] for k in names], cfg)),
