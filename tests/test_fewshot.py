@@ -12,7 +12,8 @@ from torch.func import grad, hessian
 
 from meta_train.fewshot.data import (Episode, FewShotClasses, OmniglotError, Sinusoid, load_omniglot,
                                      stack_episodes, vinyals_split)
-from meta_train.fewshot.maml import (MAMLConfig, batched_conjugate_gradient, conjugate_gradient, imaml_adapt,
+from meta_train.fewshot.maml import (MAMLConfig, batched_conjugate_gradient, conjugate_gradient, curvature_product,
+                                     imaml_adapt,
                                      imaml_meta_gradient, imaml_task_gradient, init_meta, proximal_step,
                                      maml_task_loss, meta_gradient, msl_weights)
 from meta_train.fewshot.models import FunctionalModel, conv4, from_module
@@ -205,9 +206,35 @@ def test_batched_conjugate_gradient_equals_the_loop_even_with_negative_curvature
     assert torch.equal(got[2], b[2])
 
 
-def test_imaml_vmap_over_tasks_equals_the_per_task_reference():
+def test_gauss_newton_product_is_the_hessian_for_a_linear_model_and_psd_for_a_network():
+    g = torch.Generator().manual_seed(3)
+    lin = FunctionalModel(lambda s: {"w": torch.randn(5, 3, generator=g, dtype=torch.float64),
+                                     "b": torch.randn(3, generator=g, dtype=torch.float64)},
+                          lambda p, x, step=0, stats=None: (x @ p["w"] + p["b"], []))
+    ce = nn.functional.cross_entropy
+    phi = lin.init(0)
+    x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+    v = {k: torch.randn(t.shape, generator=g, dtype=torch.float64) for k, t in phi.items()}
+    gn = curvature_product(lin, ce, "gauss-newton")(phi, x, y, v)
+    hv = curvature_product(lin, ce, "hessian")(phi, x, y, v)
+    for k in phi:  # logits linear in the parameters: no second-derivative term to drop
+        assert torch.allclose(gn[k], hv[k], rtol=1e-10, atol=1e-12), k
+    model = conv4(ways=3, channels=4, image=16)  # batch norm and ReLUs: the Hessian is indefinite
+    theta = {k: t.double() for k, t in model.init(0).items()}
+    xs, ys = torch.rand(6, 1, 16, 16, generator=g).double(), torch.tensor([0, 0, 1, 1, 2, 2])
+    prod = curvature_product(model, ce, "gauss-newton")
+    for _ in range(5):
+        v = {k: torch.randn(t.shape, generator=g, dtype=torch.float64) for k, t in theta.items()}
+        cv = prod(theta, xs, ys, v)
+        assert sum((v[k] * cv[k]).sum() for k in v) >= 0
+    with pytest.raises(ValueError, match="curvature"):
+        curvature_product(model, ce, "fisher")
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "gauss-newton"])
+def test_imaml_vmap_over_tasks_equals_the_per_task_reference(curvature):
     model = conv4(ways=3, channels=4, image=16)
-    cfg = MAMLConfig(lam=2.0, cg_steps=3)
+    cfg = MAMLConfig(lam=2.0, cg_steps=3, curvature=curvature)
     theta = {k: v.double() for k, v in init_meta(model, cfg, seed=0)["params"].items()}
     gen = torch.Generator().manual_seed(0)
     eps = [Episode(torch.rand(6, 1, 16, 16, generator=gen).double(), torch.tensor([0, 0, 1, 1, 2, 2]),

@@ -30,6 +30,8 @@ def _add_config(p: argparse.ArgumentParser):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("inner_lr", "outer_lr", "min_outer_lr", "lam", "inner_clip"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--curvature", choices=["hessian", "gauss-newton"], default=d.curvature,
+                   help="iMAML: the curvature in the CG system (I + C/lam) x = g")
     for name in ("msl", "lslr", "bn_per_step", "cosine_lr", "use_vmap"):
         p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
                        help=f"switch off {name} (MAML++ component)" if name != "use_vmap" else "loop over tasks")

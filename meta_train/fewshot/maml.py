@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.func import grad, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from .data import Episode
 from .models import FunctionalModel
@@ -42,6 +42,9 @@ class MAMLConfig:
     lam: float = 2.0
     cg_steps: int = 5
     inner_clip: float = 0.0  # > 0: clip the global norm of the inner loss gradient (iMAML solver)
+    # curvature in (I + H/lam): "hessian" (the paper's) or "gauss-newton" (J^T H_loss J, positive
+    # semi-definite, so CG never meets negative curvature; exact for models linear in params)
+    curvature: str = "hessian"
 
 
 def msl_weights(steps: int, epoch: float, msl_epochs: int) -> Tensor:
@@ -175,6 +178,33 @@ def conjugate_gradient(matvec: Callable, b: Dict[str, Tensor], steps: int) -> Di
     return x
 
 
+def curvature_product(model: FunctionalModel, loss_fn, kind: str) -> Callable:
+    """``(phi, x, y, v) -> C v`` for the support loss ``loss_fn(model(phi, x), y)``, where C is
+    its Hessian (``"hessian"``: reverse-over-reverse) or its Gauss-Newton matrix
+    ``J^T H_out J`` (``"gauss-newton"``: J the Jacobian of the model's output with respect to
+    phi, H_out the loss's Hessian with respect to that output; a forward-mode product, the
+    output Hessian's product, and a backward pass). The Gauss-Newton matrix drops the term
+    with the model's second derivatives, which is what makes the Hessian indefinite."""
+    def task_loss(p, x, y):
+        return loss_fn(model.forward(p, x, 0)[0], y)
+
+    def hessian(phi, x, y, v):
+        return grad(lambda p: sum((gi * v[k]).sum() for k, gi in grad(task_loss)(p, x, y).items()))(phi)
+
+    def gauss_newton(phi, x, y, v):
+        def out_of(p):
+            return model.forward(p, x, 0)[0]
+        out, jv = jvp(out_of, (phi,), (v,))
+        _, hjv = jvp(grad(lambda o: loss_fn(o, y)), (out,), (jv,))
+        return vjp(out_of, phi)[1](hjv)[0]
+
+    if kind == "hessian":
+        return hessian
+    if kind == "gauss-newton":
+        return gauss_newton
+    raise ValueError(f"curvature must be 'hessian' or 'gauss-newton', got {kind!r}")
+
+
 def proximal_step(phi: Dict[str, Tensor], g: Dict[str, Tensor], theta: Dict[str, Tensor], lr: float,
                   lam: float, clip: float = 0.0) -> Dict[str, Tensor]:
     """One gradient step on ``L(phi) + lam/2 |phi - theta|^2`` given ``g = grad L(phi)``. With
@@ -206,9 +236,10 @@ def imaml_task_gradient(theta: Dict[str, Tensor], episode: Episode, model: Funct
         phi = proximal_step(phi, g, theta, inner_lr, lam, cfg.inner_clip)
     phi = {k: v.detach() for k, v in phi.items()}
     gq = grad(query_loss)(phi)
+    curvature = curvature_product(model, loss_fn, cfg.curvature)
 
-    def matvec(v):  # (I + H/lam) v, H v by reverse-over-reverse differentiation
-        hv = grad(lambda p: sum((gi * v[k]).sum() for k, gi in grad(support_loss)(p).items()))(phi)
+    def matvec(v):  # (I + H/lam) v
+        hv = curvature(phi, xs, ys, v)
         return {k: v[k] + hv[k] / lam for k in v}
 
     x = conjugate_gradient(matvec, gq, cfg.cg_steps)
@@ -285,11 +316,10 @@ def imaml_meta_gradient(theta, batch: Episode, model, loss_fn, cfg: MAMLConfig, 
     phis = {k: v.detach() for k, v in vmap(solve)(xs, ys).items()}
     gq = vmap(grad(task_loss))(phis, xq, yq)
 
-    def hvp(phi, x, y, v):
-        return grad(lambda p: sum((gi * v[k]).sum() for k, gi in grad(task_loss)(p, x, y).items()))(phi)
+    curvature = curvature_product(model, loss_fn, cfg.curvature)
 
     def matvec(v):  # (I + H/lam) v for every task at once
-        hv = vmap(hvp)(phis, xs, ys, v)
+        hv = vmap(curvature)(phis, xs, ys, v)
         return {k: v[k] + hv[k] / lam for k in v}
 
     x = batched_conjugate_gradient(matvec, gq, cfg.cg_steps)

@@ -57,6 +57,7 @@ class FewShotConfig:
     lam: float = 2.0
     cg_steps: int = 5
     inner_clip: float = 0.0  # iMAML: clip the inner loss gradient's global norm (0: off)
+    curvature: str = "hessian"  # iMAML: "hessian" or "gauss-newton" in the CG system
 
     def validate(self):
         if self.algorithm not in ALGORITHMS:
@@ -67,6 +68,8 @@ class FewShotConfig:
             raise ValueError("omniglot needs --data-root: the folder with images_background.zip and images_evaluation.zip")
         if self.algorithm == "joint" and self.dataset != "sinusoid":
             raise ValueError("the joint baseline is defined for the sinusoid benchmark")
+        if self.curvature not in ("hessian", "gauss-newton"):
+            raise ValueError(f"curvature must be 'hessian' or 'gauss-newton', got {self.curvature!r}")
         for k in ("shots", "inner_steps", "meta_batch", "steps", "ways"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
@@ -80,7 +83,8 @@ class FewShotTrainer:
         self.mcfg = MAMLConfig(inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
                                first_order=cfg.algorithm == "fomaml", multi_step_loss=pp and cfg.msl,
                                msl_epochs=cfg.msl_epochs, learn_inner_lr=pp and cfg.lslr,
-                               lam=cfg.lam, cg_steps=cfg.cg_steps, inner_clip=cfg.inner_clip)
+                               lam=cfg.lam, cg_steps=cfg.cg_steps, inner_clip=cfg.inner_clip,
+                               curvature=cfg.curvature)
         if cfg.dataset == "sinusoid":
             q = cfg.queries or 10
             self.train_data = Sinusoid(cfg.shots, q, seed=cfg.seed)
