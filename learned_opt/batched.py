@@ -19,8 +19,10 @@ Inputs, for ``M`` members and ``T`` tensors:
   dimension first (global scalars ``(M,)``, accumulators ``(M, *shape_t, D)``, ...);
 * ``loss``: ``None`` or the members' training losses ``(M,)``.
 
-It is functional: the inputs are not changed. Memory beyond the outputs is bounded by
-``chunk_rows`` rows per member and layer.
+It is functional: the inputs are not changed. The MLP's temporaries are bounded by
+``chunk_rows`` rows (members x elements) per layer; the first pass, in its PyTorch form, makes
+a few temporaries the size of the accumulators (meta-training tasks are small; the compiled
+form makes none).
 """
 
 from __future__ import annotations
