@@ -195,7 +195,9 @@ def curvature_product(model: FunctionalModel, loss_fn, kind: str) -> Callable:
         def out_of(p):
             return model.forward(p, x, 0)[0]
         out, jv = jvp(out_of, (phi,), (v,))
-        _, hjv = jvp(grad(lambda o: loss_fn(o, y)), (out,), (jv,))
+        # H_out (J v) by double backward in the output space (small); forward-over-reverse
+        # fails there for some losses (mse_loss's backward writes into a zero tensor)
+        hjv = grad(lambda o: (grad(lambda q: loss_fn(q, y))(o) * jv).sum())(out)
         return vjp(out_of, phi)[1](hjv)[0]
 
     if kind == "hessian":
