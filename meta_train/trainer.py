@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -83,12 +83,14 @@ def initial_theta(init: str) -> Dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in net.weights().items()}
 
 
-def _checkpoint_step_world(path: Path):
+def _read_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         obj = torch.load(path, weights_only=True)
-        return int(obj["step"]), int(obj["world"])
     except Exception as e:  # a damaged file must not pass silently
         raise RuntimeError(f"{path}: cannot read checkpoint: {e}") from None
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise RuntimeError(f"{path}: checkpoint version {obj.get('version')} is not supported")
+    return obj
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -122,7 +124,7 @@ class MetaTrainer:
         self.step = 0
         ckpt = self._resume_point() if resume else None
         if ckpt is not None:
-            self._load(ckpt)
+            self._load(*ckpt)
         else:
             if resume and rank == 0:
                 print(f"[meta_train] no checkpoint in {self.out}; starting fresh", file=sys.stderr)
@@ -243,22 +245,23 @@ class MetaTrainer:
     def _prev_path(self) -> Path:
         return self.out / f"checkpoint-rank{self.rank}.prev.pt"
 
-    def _resume_point(self) -> Optional[Path]:
-        """The checkpoint this worker resumes from, the same outer step on every worker.
+    def _resume_point(self) -> Optional[Tuple[Path, Dict[str, Any]]]:
+        """(path, contents) of the checkpoint this worker resumes from, the same outer step on
+        every worker.
 
         Workers save independently, so one that dies can leave its newest checkpoint one save
         behind the others'. With several workers each keeps its previous checkpoint too; the
         workers exchange the steps they hold and all resume from the newest one every worker
         has (or all start fresh when there is none).
         """
-        held: Dict[int, Path] = {}
+        held: Dict[int, Tuple[Path, Dict[str, Any]]] = {}
         other_world = 0
         for path in (self._prev_path(), self._ckpt_path()):
             if path.exists():
-                step, world = _checkpoint_step_world(path)
-                held[step] = path
-                if world != self.world:
-                    other_world = world
+                obj = _read_checkpoint(path)
+                held[obj["step"]] = (path, obj)
+                if obj["world"] != self.world:
+                    other_world = obj["world"]
         if self.world == 1:
             return held[max(held)] if held else None  # _load reports a different world
         mine = torch.full((3,), -1, dtype=torch.int64)
@@ -305,13 +308,7 @@ class MetaTrainer:
                          metadata={"outer_steps": str(self.step), "config": self.c.to_json(),
                                    "note": "intermediate meta-training weights"})
 
-    def _load(self, path: Path) -> None:
-        try:
-            obj = torch.load(path, weights_only=True)
-        except Exception as e:  # a damaged file must not pass silently
-            raise RuntimeError(f"{path}: cannot read checkpoint: {e}") from None
-        if obj.get("version") != CHECKPOINT_VERSION:
-            raise RuntimeError(f"{path}: checkpoint version {obj.get('version')} is not supported")
+    def _load(self, path: Path, obj: Dict[str, Any]) -> None:
         saved = MetaTrainConfig.from_json(obj["config"])
         if dataclasses.replace(saved, steps=0) != dataclasses.replace(self.c, steps=0):
             raise RuntimeError(f"{path}: the checkpoint was made with another configuration "

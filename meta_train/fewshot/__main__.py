@@ -16,6 +16,7 @@ import sys
 
 import torch
 
+from .maml import CURVATURES
 from .train import ALGORITHMS, FewShotConfig, FewShotTrainer
 
 
@@ -30,7 +31,7 @@ def _add_config(p: argparse.ArgumentParser):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("inner_lr", "outer_lr", "min_outer_lr", "lam", "inner_clip"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
-    p.add_argument("--curvature", choices=["hessian", "gauss-newton"], default=d.curvature,
+    p.add_argument("--curvature", choices=CURVATURES, default=d.curvature,
                    help="iMAML: the curvature in the CG system (I + C/lam) x = g")
     for name in ("msl", "lslr", "bn_per_step", "cosine_lr", "use_vmap"):
         p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",

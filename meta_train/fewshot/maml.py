@@ -178,6 +178,9 @@ def conjugate_gradient(matvec: Callable, b: Dict[str, Tensor], steps: int) -> Di
     return x
 
 
+CURVATURES = ("hessian", "gauss-newton")  # the choices for MAMLConfig.curvature
+
+
 def curvature_product(model: FunctionalModel, loss_fn, kind: str) -> Callable:
     """``(phi, x, y, v) -> C v`` for the support loss ``loss_fn(model(phi, x), y)``, where C is
     its Hessian (``"hessian"``: reverse-over-reverse) or its Gauss-Newton matrix
@@ -200,11 +203,9 @@ def curvature_product(model: FunctionalModel, loss_fn, kind: str) -> Callable:
         hjv = grad(lambda o: (grad(lambda q: loss_fn(q, y))(o) * jv).sum())(out)
         return vjp(out_of, phi)[1](hjv)[0]
 
-    if kind == "hessian":
-        return hessian
-    if kind == "gauss-newton":
-        return gauss_newton
-    raise ValueError(f"curvature must be 'hessian' or 'gauss-newton', got {kind!r}")
+    if kind not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {kind!r}")
+    return hessian if kind == "hessian" else gauss_newton
 
 
 def proximal_step(phi: Dict[str, Tensor], g: Dict[str, Tensor], theta: Dict[str, Tensor], lr: float,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import grad
 
 from .data import FewShotClasses, Sinusoid, load_omniglot, vinyals_split
-from .maml import (MAMLConfig, accuracy, adapt, imaml_adapt, imaml_meta_gradient, init_meta, mean_ci95,
+from .maml import (CURVATURES, MAMLConfig, accuracy, adapt, imaml_adapt, imaml_meta_gradient, init_meta, mean_ci95,
                    meta_gradient, msl_weights)
 from .models import conv4, sine_mlp
 
@@ -68,8 +68,8 @@ class FewShotConfig:
             raise ValueError("omniglot needs --data-root: the folder with images_background.zip and images_evaluation.zip")
         if self.algorithm == "joint" and self.dataset != "sinusoid":
             raise ValueError("the joint baseline is defined for the sinusoid benchmark")
-        if self.curvature not in ("hessian", "gauss-newton"):
-            raise ValueError(f"curvature must be 'hessian' or 'gauss-newton', got {self.curvature!r}")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
         for k in ("shots", "inner_steps", "meta_batch", "steps", "ways"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
