@@ -16,7 +16,11 @@ parameters sit in a few large matrices. Per size, interleaved repeat by repeat:
 Then whole training steps (forward, backward, step) at batch 128 for a small CNN on 28x28
 images and an MNIST-1D MLP, LearnedOptimizer against Adam(foreach=True).
 
-    python benchmarks/step_overhead.py [--sizes 10k,100k,1M,10M] [--repeats 9]
+    python benchmarks/step_overhead.py [--sizes 10k,100k,1M,10M] [--repeats 9] [--device cuda]
+
+With ``--device cuda`` everything runs on the GPU: timings synchronise the device, the peak is
+that of fp32 matmuls (TF32 off), and the extra memory of one step is read from the CUDA
+allocator's peak (``torch.cuda.max_memory_allocated``) in this process.
 """
 
 from __future__ import annotations
@@ -54,12 +58,26 @@ def transformer_shapes(d: int, blocks: int, vocab: int):
     return shapes
 
 
+DEVICE = torch.device("cpu")
+
+
+def synced(fn):
+    """``fn`` followed by a device synchronisation, so that a timer sees the GPU's work."""
+    if DEVICE.type != "cuda":
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize(DEVICE)
+    return call
+
+
 def make_params(size: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     ps = []
     for s in transformer_shapes(*SIZES[size]):
-        p = nn.Parameter(torch.randn(s, generator=g) * 0.02)
-        p.grad = torch.randn(s, generator=g) * 1e-3
+        p = nn.Parameter((torch.randn(s, generator=g) * 0.02).to(DEVICE))
+        p.grad = (torch.randn(s, generator=g) * 1e-3).to(DEVICE)
         ps.append(p)
     return ps
 
@@ -74,9 +92,10 @@ def median_time(fn, repeats):
 
 
 def matmul_peak(repeats=7, n=2048):
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    return 2 * n ** 3 / median_time(lambda: a @ b, repeats) / 1e9
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    mm = synced(lambda: a @ b)
+    mm()
+    return 2 * n ** 3 / median_time(mm, repeats) / 1e9
 
 
 def optimizers(params):
@@ -91,7 +110,7 @@ def time_steps(size, repeats):
     rows = {}
     sets = {k: make_params(size) for k in ("learned", "adam_foreach", "adam_fused")}
     opts = {k: optimizers(sets[k])[k] for k in sets}
-    calls = {k: (lambda o=o: o.step(lambda: 1.0)) if k == "learned" else (lambda o=o: o.step())
+    calls = {k: synced((lambda o=o: o.step(lambda: 1.0)) if k == "learned" else (lambda o=o: o.step()))
              for k, o in opts.items()}
     rows.update(interleaved_medians(calls, repeats))
     return rows, sum(p.numel() for p in sets["learned"]), len(sets["learned"])
@@ -107,7 +126,24 @@ def memory_child(size: str, which: str) -> None:
     print(json.dumps({"bytes": peak_extra_bytes(step)}))
 
 
+def cuda_peak_extra_bytes(size: str, which: str) -> int:
+    """Peak bytes the CUDA allocator held above its level before one step (state allocated)."""
+    params = make_params(size)
+    opt = optimizers(params)[which]
+    step = (lambda: opt.step(lambda: 1.0)) if which == "learned" else opt.step
+    step()
+    step()
+    torch.cuda.synchronize(DEVICE)
+    before = torch.cuda.memory_allocated(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    step()
+    torch.cuda.synchronize(DEVICE)
+    return torch.cuda.max_memory_allocated(DEVICE) - before
+
+
 def measure_memory(size: str, which: str) -> float:
+    if DEVICE.type == "cuda":
+        return cuda_peak_extra_bytes(size, which)
     from memory import child_env
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", size, which],
                          capture_output=True, text=True, env=child_env(), check=True)
@@ -128,18 +164,19 @@ class SmallCNN(nn.Module):
 
 def whole_steps(repeats):
     torch.manual_seed(0)
+    d = DEVICE
     cases = {
-        "cnn_28x28_b128": (SmallCNN, torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))),
+        "cnn_28x28_b128": (SmallCNN, torch.randn(128, 1, 28, 28, device=d), torch.randint(0, 10, (128,), device=d)),
         "mnist1d_mlp_b128": (lambda: nn.Sequential(nn.Linear(40, 128), nn.ReLU(), nn.Linear(128, 32),
                                                    nn.ReLU(), nn.Linear(32, 10)),
-                             torch.randn(128, 40), torch.randint(0, 10, (128,))),
+                             torch.randn(128, 40, device=d), torch.randint(0, 10, (128,), device=d)),
     }
     out = {}
     for name, (factory, x, y) in cases.items():
         runs = {}
         for which in ("learned", "adam_foreach"):
             torch.manual_seed(1)
-            model = factory()
+            model = factory().to(d)
             opt = (LearnedOptimizer(model.parameters()) if which == "learned"
                    else torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True))
 
@@ -151,7 +188,7 @@ def whole_steps(repeats):
                     opt.step(loss=loss.detach())
                 else:
                     opt.step()
-            runs[which] = step
+            runs[which] = synced(step)
         med = interleaved_medians(runs, repeats)
         n = sum(p.numel() for p in factory().parameters())
         out[name] = {"parameters": n, "ms": {k: 1e3 * v for k, v in med.items()},
@@ -167,6 +204,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "step_overhead.json"))
     ap.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -175,8 +213,17 @@ def main(argv=None):
     if args.memory_child:
         memory_child(*args.memory_child)
         return
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device is visible")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        where = torch.cuda.get_device_name(DEVICE)
+    else:
+        where = f"{torch.get_num_threads()} threads"
     peak = matmul_peak()
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({where})", flush=True)
     sizes = []
     for size in args.sizes.split(","):
         t, n, n_tensors = time_steps(size, args.repeats)
@@ -198,7 +245,8 @@ def main(argv=None):
               flush=True)
     whole = whole_steps(max(args.repeats, 15))
     write_result(args.out, "step_overhead.py", argv, {
-        "benchmark": "step_overhead", "flops_per_param": FLOPS_PER_PARAM, "matmul_peak_gflops": peak,
+        "benchmark": "step_overhead", "device": where if DEVICE.type == "cuda" else "cpu",
+        "flops_per_param": FLOPS_PER_PARAM, "matmul_peak_gflops": peak,
         "native_kernel": native.status().split("\n")[0], "sizes": sizes, "whole_training_step": whole})
 
 

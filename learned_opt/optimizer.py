@@ -72,6 +72,7 @@ class LearnedOptimizer(Optimizer):
             ``.safetensors`` file, or a :class:`MetaNetwork`. Default: the shipped default.
         impl: ``"fast"`` (default) or ``"reference"`` (readable, slow; same results).
         chunk_size: elements per chunk of the fast path (bounds its transient memory).
+            Default: 2^14 on the CPU (cache-sized), 2^20 on CUDA (fewer kernel launches).
 
     ``step(closure=None, *, loss=None)``: the training loss feeds the optimizer's loss
     features; pass it as ``loss=`` or return it from the closure. Without it the
