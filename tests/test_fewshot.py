@@ -19,6 +19,8 @@ from meta_train.fewshot.maml import (MAMLConfig, batched_conjugate_gradient, con
 from meta_train.fewshot.models import FunctionalModel, conv4, from_module
 
 OMNIGLOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "omniglot")
+needs_omniglot = pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background.zip")),
+                                    reason="Omniglot archives not found beside the project (../shared/data/omniglot)")
 
 
 def tiny_mlp():
@@ -324,8 +326,7 @@ def test_omniglot_loader_errors_and_layout(tmp_path):
         vinyals_split(data, "train")
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background.zip")),
-                    reason="Omniglot archives not found beside the project (../shared/data/omniglot)")
+@needs_omniglot
 def test_real_omniglot_vinyals_split():
     data = load_omniglot(OMNIGLOT)
     assert data.shape == (1623, 20, 28, 28)
@@ -367,6 +368,7 @@ def test_fewshot_resume_equals_uninterrupted_and_checks_the_config(tmp_path):
         FewShotTrainer(cfg(inner_lr=0.5), str(tmp_path / "part")).load()
 
 
+@needs_omniglot
 def test_running_statistics_evaluation_adapts_as_trained(tmp_path):
     """MAML++ evaluation with the per-step running statistics: the inner loop still normalises
     with the support set's own batch statistics (the gradients the initialisation was
