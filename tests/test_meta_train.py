@@ -14,6 +14,8 @@ import torch
 from learned_opt import load_weights
 from meta_train.population import UnrollSettings
 from meta_train.tasks import Task, TaskFamily, get_family
+
+LARGEST_META_TRAINING_TASK = 52_234  # mnist1d_wide at width 1024; the bound compare.py's rule uses
 from meta_train.trainer import MetaTrainConfig, MetaTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,3 +213,23 @@ def test_a_dying_worker_fails_the_run_and_resume_recovers(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
     assert steps == list(range(1, done + 3))
+
+
+@pytest.mark.parametrize("name", ["mnist1d_mlp", "mnist1d_wide", "mnist1d_cnn", "teacher_student",
+                                  "logistic_regression", "markov_lm", "quadratic"])
+def test_built_in_families_give_finite_losses_within_their_size(name):
+    """Each family used for the shipped weights samples tasks with a finite loss and a gradient,
+    no larger than the size that benchmarks/compare.py's held-out rule is measured against."""
+    pytest.importorskip("mnist1d")
+    fam = get_family(name)
+    biggest = 0
+    for seed in range(12):
+        task = fam.sample(seed)
+        params = task.init(seed)
+        biggest = max(biggest, sum(v.numel() for v in params.values()))
+        if seed < 2:
+            params = {k: v.requires_grad_() for k, v in params.items()}
+            loss = task.loss(params, task.batch("train", seed, 0))
+            grads = torch.autograd.grad(loss, list(params.values()))
+            assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), task.name
+    assert biggest <= LARGEST_META_TRAINING_TASK, (name, biggest)

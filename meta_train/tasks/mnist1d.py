@@ -75,5 +75,20 @@ def mnist1d_cnn(seed: int) -> Task:
                             train, valid, batch_size=bs, family="mnist1d_cnn")
 
 
+def mnist1d_wide(seed: int) -> Task:
+    """One wide hidden layer (256 to 1,024 units, at most 52,234 parameters): large tensors,
+    so meta-training sees tensor sizes near those of bigger models."""
+    g = generator(221, seed)
+    width = int(_choice(g, [256, 512, 1024]))
+    act = _choice(g, sorted(ACTIVATIONS))
+    bs = int(_choice(g, [32, 64, 128, 256]))
+    train, valid = _data()
+    return Task.from_module(f"mnist1d-wide-{act}-w{width}-b{bs}",
+                            lambda: mlp([40, width, 10], act),
+                            nn.functional.cross_entropy, train, valid, batch_size=bs,
+                            family="mnist1d_wide")
+
+
 MNIST1D_MLP = TaskFamily("mnist1d_mlp", mnist1d_mlp)
+MNIST1D_WIDE = TaskFamily("mnist1d_wide", mnist1d_wide)
 MNIST1D_CNN = TaskFamily("mnist1d_cnn", mnist1d_cnn)
