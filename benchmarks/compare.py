@@ -242,6 +242,10 @@ def run_one(task_name: str, kind: str, lr, seed: int, weights, curve_points=100)
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def _run_one_star(args):
+    return run_one(*args)
+
+
 def key(r):
     return (r["task"], r["kind"], r["lr"], r["seed"])
 
@@ -356,7 +360,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prefix", default=os.path.join(RESULTS, "compare"),
                     help="writes PREFIX.json, PREFIX.md, PREFIX.png and the run cache PREFIX-runs.jsonl")
+    ap.add_argument("--baselines-from", default=None, metavar="RUNS_JSONL",
+                    help="take the Adam/AdamW/SGD runs from another run cache (they do not depend on the weights)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs in parallel processes (--threads each); the losses are unaffected, but the "
+                         "time-per-step column then measures a loaded machine")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit("--jobs must be at least 1")
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")
     unknown = [t for t in tasks if t not in TASKS]
@@ -371,14 +382,31 @@ def main(argv=None):
         with open(cache) as f:
             runs = [json.loads(line) for line in f if line.strip()]
         runs = [r for r in runs if r.get("weights_checksum") in (None, info.checksum) or not r["kind"].startswith("learned")]
+    if args.baselines_from:
+        with open(args.baselines_from) as f:
+            theirs = [json.loads(line) for line in f if line.strip()]
+        have = {key(r) for r in runs}
+        new = [r for r in theirs if not r["kind"].startswith("learned") and r["task"] in tasks
+               and r["seed"] < args.seeds and key(r) not in have]
+        runs += new
+        with open(cache, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in new)
+        print(f"took {len(new)} baseline runs from {args.baselines_from}", flush=True)
     done = {key(r) for r in runs}
     todo = [(t, k, lr, s) for t in tasks for s in range(args.seeds)
             for k, lrs in [("learned", [None]), ("learned_noloss", [None])] + [(k, LRS[k]) for k in ("adam", "adamw", "sgd")]
             for lr in lrs]
     todo = [x for x in todo if x not in done]
     print(f"{len(todo)} runs to do ({len(done)} cached), weights {info.name} ({info.checksum[:12]})", flush=True)
-    for i, (t, k, lr, s) in enumerate(todo):
-        r = run_one(t, k, lr, s, args.weights)
+    if args.jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                      initializer=torch.set_num_threads, initargs=(args.threads,))
+        results = pool.map(_run_one_star, [(t, k, lr, s, args.weights) for t, k, lr, s in todo])
+    else:
+        results = (run_one(t, k, lr, s, args.weights) for t, k, lr, s in todo)
+    for i, ((t, k, lr, s), r) in enumerate(zip(todo, results)):
         if k.startswith("learned"):
             r["weights_checksum"] = info.checksum
         runs.append(r)
@@ -389,7 +417,7 @@ def main(argv=None):
               f"{' DIVERGED' if r['diverged'] else ''}", flush=True)
     summary = summarise(runs, tasks, args.seeds)
     result = {"benchmark": "compare", "weights": {"name": info.name, "checksum": info.checksum},
-              "threads": args.threads, "seeds": args.seeds, "torch": torch.__version__,
+              "threads": args.threads, "jobs": args.jobs, "seeds": args.seeds, "torch": torch.__version__,
               "largest_meta_training_task_params": LARGEST_META_TRAINING_TASK,
               "longest_meta_training_horizon": LONGEST_META_TRAINING_HORIZON,
               "tasks": {t: {k: v for k, v in TASKS[t].items() if k in ("about", "batch", "steps")} for t in tasks},
