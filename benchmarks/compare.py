@@ -17,8 +17,12 @@ validation losses are measured on fixed evaluation sets after the last step; a r
 if a loss is not finite or the final training loss exceeds the initial one.
 
 Every finished run is appended to a JSON-lines cache, so an interrupted comparison resumes.
+To judge new weights quickly, take the baselines (which do not depend on the weights) from an
+earlier cache with ``--baselines-from``, and spread the runs over processes with ``--jobs``
+(the losses are the same; the time-per-step column then measures a loaded machine).
 
     python benchmarks/compare.py [--weights NAME_OR_PATH] [--tasks a,b] [--seeds 3] [--threads 1]
+                                 [--jobs N] [--baselines-from OTHER-runs.jsonl]
 """
 
 from __future__ import annotations
