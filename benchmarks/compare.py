@@ -186,10 +186,9 @@ TASKS: Dict[str, Dict] = {
 
 
 def make_optimizer(kind, params, lr, weights):
-    if kind == "learned":
-        return LearnedOptimizer(params, **({"weights": weights} if weights else {}))
-    if kind == "learned_noloss":
-        return LearnedOptimizer(params, **({"weights": weights} if weights else {}))
+    if kind in ("learned", "learned_noloss"):  # lr None: the optimizer's default, as a user gets it
+        return LearnedOptimizer(params, **({"weights": weights} if weights else {}),
+                                **({"lr": lr} if lr is not None else {}))
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr)
     if kind == "adamw":
