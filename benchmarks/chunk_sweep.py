@@ -22,6 +22,7 @@ sys.path.insert(0, HERE)
 import step_overhead as so  # noqa: E402
 from common import interleaved_medians, write_result  # noqa: E402
 from learned_opt import LearnedOptimizer  # noqa: E402
+from memory import cuda_peak_extra_bytes  # noqa: E402
 
 CHUNKS = [1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22]
 
@@ -47,12 +48,8 @@ def main(argv=None):
         for c in CHUNKS:
             row = {"size": size, "parameters": n, "chunk_size": c, "ms": 1e3 * med[c]}
             if cuda:
-                torch.cuda.synchronize()
-                before = torch.cuda.memory_allocated()
-                torch.cuda.reset_peak_memory_stats()
-                opts[c].step(lambda: 1.0)
-                torch.cuda.synchronize()
-                row["peak_extra_floats_per_param"] = (torch.cuda.max_memory_allocated() - before) / 4 / n
+                step_bytes = cuda_peak_extra_bytes(lambda o=opts[c]: o.step(lambda: 1.0))
+                row["peak_extra_floats_per_param"] = step_bytes / 4 / n
             rows.append(row)
             print(f"{size:>4s} chunk 2^{c.bit_length() - 1:<2d} {row['ms']:9.2f} ms  "
                   f"extra {row.get('peak_extra_floats_per_param', float('nan')):.2f} floats/param", flush=True)

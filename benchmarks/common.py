@@ -8,7 +8,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterable, Iterator, Sequence
 
 import torch
 
@@ -37,3 +37,22 @@ def write_result(path: str, script: str, argv, result: Dict) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print("wrote", path)
+
+
+def _star(fn_and_args):
+    fn, args = fn_and_args
+    return fn(*args)
+
+
+def parallel_map(fn: Callable, items: Iterable[Sequence], jobs: int = 1, threads: int = 1) -> Iterator:
+    """``fn(*item)`` for each item, in order. With ``jobs > 1`` the calls run in that many
+    spawned processes of ``threads`` threads each (``fn`` must be a module-level function);
+    results come back as they are needed, in the order of ``items``."""
+    items = list(items)
+    if jobs <= 1:
+        return (fn(*item) for item in items)
+    import concurrent.futures
+    import multiprocessing
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=torch.set_num_threads, initargs=(threads,))
+    return pool.map(_star, [(fn, item) for item in items])

@@ -41,7 +41,9 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
+from common import parallel_map  # noqa: E402
 from learned_opt import LearnedOptimizer  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
@@ -245,10 +247,6 @@ def run_one(task_name: str, kind: str, lr, seed: int, weights, curve_points=100)
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def _run_one_star(args):
-    return run_one(*args)
-
-
 def key(r):
     return (r["task"], r["kind"], r["lr"], r["seed"])
 
@@ -401,14 +399,7 @@ def main(argv=None):
             for lr in lrs]
     todo = [x for x in todo if x not in done]
     print(f"{len(todo)} runs to do ({len(done)} cached), weights {info.name} ({info.checksum[:12]})", flush=True)
-    if args.jobs > 1:
-        import concurrent.futures
-        import multiprocessing
-        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                      initializer=torch.set_num_threads, initargs=(args.threads,))
-        results = pool.map(_run_one_star, [(t, k, lr, s, args.weights) for t, k, lr, s in todo])
-    else:
-        results = (run_one(t, k, lr, s, args.weights) for t, k, lr, s in todo)
+    results = parallel_map(run_one, [(t, k, lr, s, args.weights) for t, k, lr, s in todo], args.jobs, args.threads)
     for i, ((t, k, lr, s), r) in enumerate(zip(todo, results)):
         if k.startswith("learned"):
             r["weights_checksum"] = info.checksum

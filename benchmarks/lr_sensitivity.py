@@ -12,9 +12,7 @@ under. Same tasks, seeds, batches and loss passing as ``compare.py``.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import statistics
 import sys
@@ -25,11 +23,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
+from common import parallel_map  # noqa: E402
 from compare import TASKS, run_one  # noqa: E402
 
 
-def _one(args):
-    task, lr, seed, weights = args
+def _one(task, lr, seed, weights):
     r = run_one(task, "learned", lr, seed, weights)
     return {k: r[k] for k in ("task", "lr", "seed", "final_train_loss", "final_valid_loss", "diverged", "curve")}
 
@@ -50,12 +48,7 @@ def main(argv=None):
         raise SystemExit(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
     torch.set_num_threads(args.threads)
     todo = [(t, lr, s, w) for w in weights for t in tasks for lr in lrs for s in range(args.seeds)]
-    if args.jobs > 1:
-        pool = concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                      initializer=torch.set_num_threads, initargs=(args.threads,))
-        results = list(pool.map(_one, todo))
-    else:
-        results = [_one(x) for x in todo]
+    results = list(parallel_map(_one, todo, args.jobs, args.threads))
     table = {}
     for (t, lr, s, w), r in zip(todo, results):
         r["weights"] = w

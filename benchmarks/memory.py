@@ -1,4 +1,4 @@
-"""Peak resident memory of one optimizer step, measured from the outside.
+"""Peak memory of one optimizer step: resident memory on the CPU, the CUDA allocator's peak on a GPU.
 
 Linux only. The caller must run in a process started with ``MALLOC_MMAP_THRESHOLD_`` set low
 (see :func:`child_env`) so that every large temporary is its own mapping, returned to the
@@ -37,3 +37,14 @@ def peak_extra_bytes(fn: Callable[[], None]) -> int:
     fn()
     peak = _status_kib("VmHWM")
     return max(0, peak - before) * 1024
+
+
+def cuda_peak_extra_bytes(fn: Callable[[], None]) -> int:
+    """Bytes by which the CUDA allocator's peak rose above its level before ``fn`` while it ran."""
+    import torch
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before

@@ -126,24 +126,15 @@ def memory_child(size: str, which: str) -> None:
     print(json.dumps({"bytes": peak_extra_bytes(step)}))
 
 
-def cuda_peak_extra_bytes(size: str, which: str) -> int:
-    """Peak bytes the CUDA allocator held above its level before one step (state allocated)."""
-    params = make_params(size)
-    opt = optimizers(params)[which]
-    step = (lambda: opt.step(lambda: 1.0)) if which == "learned" else opt.step
-    step()
-    step()
-    torch.cuda.synchronize(DEVICE)
-    before = torch.cuda.memory_allocated(DEVICE)
-    torch.cuda.reset_peak_memory_stats(DEVICE)
-    step()
-    torch.cuda.synchronize(DEVICE)
-    return torch.cuda.max_memory_allocated(DEVICE) - before
-
-
 def measure_memory(size: str, which: str) -> float:
-    if DEVICE.type == "cuda":
-        return cuda_peak_extra_bytes(size, which)
+    if DEVICE.type == "cuda":  # in this process: the allocator's peak is exact
+        from memory import cuda_peak_extra_bytes
+        params = make_params(size)
+        opt = optimizers(params)[which]
+        step = (lambda: opt.step(lambda: 1.0)) if which == "learned" else opt.step
+        step()
+        step()  # the state is allocated
+        return cuda_peak_extra_bytes(step)
     from memory import child_env
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", size, which],
                          capture_output=True, text=True, env=child_env(), check=True)

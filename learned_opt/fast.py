@@ -48,11 +48,11 @@ DEFAULT_CHUNK = 1 << 14
 # larger chunks: on an H100, 10M parameters, 783 ms at 2^14 elements, 86 ms at 2^18, 69 ms at
 # 2^20 (benchmarks/results/chunk_sweep-cuda.json); transient memory then stays under ~300 MB.
 DEFAULT_CHUNK_CUDA = 1 << 20
+SMALL = 4096  # tensors with fewer elements than this (or than the chunk) are packed together
 
 
 def default_chunk(device: torch.device) -> int:
     return DEFAULT_CHUNK_CUDA if device.type == "cuda" else DEFAULT_CHUNK
-SMALL = 4096  # tensors with fewer elements than this (or than the chunk) are packed together
 
 
 class _Plan(NamedTuple):
