@@ -49,6 +49,14 @@ RUNS = {
     # gradient on some tasks. The Gauss-Newton matrix is positive semi-definite.
     "5w1s-imaml": ["--algorithm", "imaml", "--ways", "5", "--inner-lr", "0.1", "--lam", "2", "--cg-steps", "5",
                    "--curvature", "gauss-newton"],
+    # Two hours of training each, with 5 query images per class in training (15 at test): the
+    # query set dominates the cost (MAML++ computes the query loss after every inner step), and
+    # 5 per class makes a step 2-3x cheaper, so the two hours buy 3x more outer steps.
+    "5w1s-mamlpp-2h": ["--algorithm", "mamlpp", "--ways", "5", "--inner-lr", "0.1", "--epoch-len", "50",
+                       "--msl-epochs", "2", "--queries", "5", "--eval-queries", "15", "--steps", "1500",
+                       "--hours", "2"],
+    "5w1s-maml-2h": ["--algorithm", "maml", "--ways", "5", "--inner-lr", "0.1", "--queries", "5",
+                     "--eval-queries", "15", "--steps", "10000", "--hours", "2"],
     "20w1s-mamlpp": ["--algorithm", "mamlpp", "--ways", "20", "--inner-lr", "0.1", "--epoch-len", "50", "--no-use-vmap",
                      "--msl-epochs", "2"],
 }

@@ -368,6 +368,40 @@ def test_fewshot_resume_equals_uninterrupted_and_checks_the_config(tmp_path):
         FewShotTrainer(cfg(inner_lr=0.5), str(tmp_path / "part")).load()
 
 
+def test_fewshot_time_budget_stops_and_survives_resume(tmp_path):
+    from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
+
+    def cfg(**kw):
+        return FewShotConfig(algorithm="maml", dataset="sinusoid", shots=5, inner_steps=1, meta_batch=2,
+                             steps=50, checkpoint_every=1000, **kw)
+
+    # a budget of ~zero hours: the first step spends it, so training stops there (and saves)
+    tr = FewShotTrainer(cfg(hours=1e-12), str(tmp_path / "run"))
+    tr.run(progress=False)
+    assert tr.step == 1 and tr.seconds > 0
+    again = FewShotTrainer(cfg(hours=1e-12), str(tmp_path / "run"))
+    again.run(resume=True, progress=False)  # the spent time travels with the checkpoint
+    assert again.step == 1 and again.seconds == tr.seconds
+    # an older checkpoint without the time: it is summed from the log
+    sd = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    del sd["seconds"]
+    torch.save(sd, tmp_path / "run" / "checkpoint.pt")
+    old = FewShotTrainer(cfg(hours=1e-12), str(tmp_path / "run"))
+    old.run(resume=True, progress=False)
+    assert old.step == 1 and old.seconds == pytest.approx(tr.seconds, rel=1e-6)
+    with pytest.raises(ValueError, match="hours"):
+        FewShotTrainer(cfg(hours=-1.0), str(tmp_path / "bad"))
+
+
+def test_test_tasks_take_their_own_query_count():
+    from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
+    tr = FewShotTrainer(FewShotConfig(dataset="sinusoid", shots=5, queries=3, eval_queries=7), "unused")
+    assert tr.train_data.batch(0, 2).xq.shape[1] == 3
+    assert tr.test_data.episode(0).xq.shape[0] == 7
+    same = FewShotTrainer(FewShotConfig(dataset="sinusoid", shots=5, queries=3), "unused")
+    assert same.test_data.episode(0).xq.shape[0] == 3
+
+
 @needs_omniglot
 def test_running_statistics_evaluation_adapts_as_trained(tmp_path):
     """MAML++ evaluation with the per-step running statistics: the inner loop still normalises

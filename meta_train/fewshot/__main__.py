@@ -25,11 +25,11 @@ def _add_config(p: argparse.ArgumentParser):
     p.add_argument("--algorithm", choices=ALGORITHMS, default=d.algorithm)
     p.add_argument("--dataset", choices=["sinusoid", "omniglot"], default=d.dataset)
     p.add_argument("--data-root", default=None, help="folder holding the Omniglot archives or their unpacked folders")
-    for name in ("ways", "shots", "queries", "inner_steps", "eval_inner_steps", "meta_batch", "steps",
+    for name in ("ways", "shots", "queries", "eval_queries", "inner_steps", "eval_inner_steps", "meta_batch", "steps",
                  "epoch_len", "seed", "checkpoint_every", "channels", "msl_epochs",
                  "derivative_annealing_epochs", "cg_steps"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("inner_lr", "outer_lr", "min_outer_lr", "lam", "inner_clip"):
+    for name in ("inner_lr", "outer_lr", "min_outer_lr", "lam", "inner_clip", "hours"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--curvature", choices=CURVATURES, default=d.curvature,
                    help="iMAML: the curvature in the CG system (I + C/lam) x = g")

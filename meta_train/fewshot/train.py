@@ -34,12 +34,14 @@ class FewShotConfig:
     ways: int = 5
     shots: int = 1
     queries: int = 0  # 0: 10 for sinusoid, 15 per class for omniglot
+    eval_queries: int = 0  # queries of the test tasks; 0: as in training
     inner_steps: int = 1
     inner_lr: float = 0.01
     eval_inner_steps: int = 0  # 0: as in training
     meta_batch: int = 25
     outer_lr: float = 1e-3
     steps: int = 1000  # outer steps: the budget
+    hours: float = 0.0  # > 0: also stop once the outer steps have taken this many hours in all
     epoch_len: int = 500  # outer steps per "epoch" for the MAML++ schedules
     seed: int = 0
     checkpoint_every: int = 100
@@ -73,6 +75,9 @@ class FewShotConfig:
         for k in ("shots", "inner_steps", "meta_batch", "steps", "ways"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
+        for k in ("queries", "eval_queries", "hours"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must not be negative")
 
 
 class FewShotTrainer:
@@ -88,15 +93,15 @@ class FewShotTrainer:
         if cfg.dataset == "sinusoid":
             q = cfg.queries or 10
             self.train_data = Sinusoid(cfg.shots, q, seed=cfg.seed)
-            self.test_data = Sinusoid(cfg.shots, q, seed=cfg.seed + 1_000_003)
+            self.test_data = Sinusoid(cfg.shots, cfg.eval_queries or q, seed=cfg.seed + 1_000_003)
             self.model = sine_mlp()
             self.loss_fn, self.metric = nn.functional.mse_loss, None
         else:
             q = cfg.queries or 15
             images = load_omniglot(cfg.data_root)
             self.train_data = FewShotClasses(vinyals_split(images, "train"), cfg.ways, cfg.shots, q, seed=cfg.seed)
-            self.test_data = FewShotClasses(vinyals_split(images, "test"), cfg.ways, cfg.shots, q,
-                                            seed=cfg.seed + 1_000_003)
+            self.test_data = FewShotClasses(vinyals_split(images, "test"), cfg.ways, cfg.shots,
+                                            cfg.eval_queries or q, seed=cfg.seed + 1_000_003)
             self.model = conv4(cfg.ways, cfg.channels, per_step_bn=cfg.inner_steps if pp and cfg.bn_per_step else 0)
             self.loss_fn, self.metric = nn.functional.cross_entropy, accuracy
         self.bn_running = pp and cfg.bn_per_step and self.model.n_stats > 0
@@ -108,6 +113,7 @@ class FewShotTrainer:
         self.running: Optional[torch.Tensor] = None  # (S+1, layers, 2, C) per-step BN statistics
         self.use_running_stats = False  # evaluate with them (see evaluate)
         self.step = 0
+        self.seconds = 0.0  # time spent in outer steps, over all sessions of this run
 
     # ------------------------------------------------------------------ schedules
     @property
@@ -123,6 +129,9 @@ class FewShotTrainer:
             da = self.cfg.steps / self.cfg.epoch_len / 3 if da < 0 else da
             return self.epoch >= da
         return True
+
+    def out_of_time(self) -> bool:
+        return self.cfg.hours > 0 and self.seconds >= self.cfg.hours * 3600
 
     # ------------------------------------------------------------------ one step
     def outer_step(self) -> Dict:
@@ -162,9 +171,11 @@ class FewShotTrainer:
         if self.sched is not None:
             self.sched.step()
         self.step += 1
+        elapsed = time.perf_counter() - t0
+        self.seconds += elapsed
         return {"step": self.step, "query_loss": float(loss), "metric": float(met),
                 "second_order": self.second_order(), "outer_lr": self.opt.param_groups[0]["lr"],
-                "nonfinite": not finite, "time": time.perf_counter() - t0}
+                "nonfinite": not finite, "time": elapsed}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, n_tasks: int = 600, inner_steps: Optional[int] = None) -> Dict:
@@ -204,7 +215,7 @@ class FewShotTrainer:
         return {"config": dataclasses.asdict(self.cfg), "step": self.step,
                 "meta": {g: {k: v.detach() for k, v in d.items()} for g, d in self.meta.items()},
                 "opt": self.opt.state_dict(), "sched": None if self.sched is None else self.sched.state_dict(),
-                "running": self.running}
+                "running": self.running, "seconds": self.seconds}
 
     def save(self):
         os.makedirs(self.out, exist_ok=True)
@@ -237,6 +248,7 @@ class FewShotTrainer:
             self.sched.load_state_dict(sd["sched"])
         self.running = sd["running"]
         self.step = sd["step"]
+        self.seconds = sd.get("seconds", 0.0)  # older checkpoints: filled in from the log by run()
 
     def run(self, resume: bool = False, progress: bool = True):
         log = os.path.join(self.out, "log.jsonl")
@@ -248,6 +260,8 @@ class FewShotTrainer:
                     lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.step]
                 with open(log, "w") as f:
                     f.writelines(lines)
+                if not self.seconds:
+                    self.seconds = sum(json.loads(ln).get("time", 0.0) for ln in lines)
         elif os.path.exists(os.path.join(self.out, "checkpoint.pt")):
             raise RuntimeError(f"{self.out} already holds a checkpoint: pass --resume, or another --out")
         with open(os.path.join(self.out, "config.json"), "w") as f:
@@ -259,7 +273,7 @@ class FewShotTrainer:
                 bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"{self.cfg.algorithm}", dynamic_ncols=True)
             except ImportError:
                 pass
-        while self.step < self.cfg.steps:
+        while self.step < self.cfg.steps and not self.out_of_time():
             rec = self.outer_step()
             with open(log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -268,7 +282,9 @@ class FewShotTrainer:
                 bar.set_postfix(loss=f"{rec['query_loss']:.4f}", metric=f"{rec['metric']:.3f}")
             elif self.step % 50 == 0:
                 print(f"step {self.step}/{self.cfg.steps} loss {rec['query_loss']:.4f} metric {rec['metric']:.3f}", flush=True)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or self.out_of_time():
                 self.save()
         if bar is not None:
             bar.close()
+        if self.step < self.cfg.steps and self.out_of_time():
+            print(f"time budget of {self.cfg.hours:g} h spent at outer step {self.step} of {self.cfg.steps}", flush=True)
