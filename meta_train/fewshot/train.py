@@ -41,7 +41,7 @@ class FewShotConfig:
     meta_batch: int = 25
     outer_lr: float = 1e-3
     steps: int = 1000  # outer steps: the budget
-    hours: float = 0.0  # > 0: also stop once the outer steps have taken this many hours in all
+    hours: float = 0.0  # > 0: also stop once the outer steps have used this many CPU hours in all
     epoch_len: int = 500  # outer steps per "epoch" for the MAML++ schedules
     seed: int = 0
     checkpoint_every: int = 100
@@ -113,7 +113,9 @@ class FewShotTrainer:
         self.running: Optional[torch.Tensor] = None  # (S+1, layers, 2, C) per-step BN statistics
         self.use_running_stats = False  # evaluate with them (see evaluate)
         self.step = 0
-        self.seconds = 0.0  # time spent in outer steps, over all sessions of this run
+        # CPU time of the outer steps over all sessions of this run (process time: what the
+        # budget means, and not inflated when other work shares the machine)
+        self.seconds = 0.0
 
     # ------------------------------------------------------------------ schedules
     @property
@@ -136,7 +138,7 @@ class FewShotTrainer:
     # ------------------------------------------------------------------ one step
     def outer_step(self) -> Dict:
         cfg = self.cfg
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = self.train_data.batch(self.step, cfg.meta_batch)
         meta = {g: {k: v.detach() for k, v in d.items()} for g, d in self.meta.items()}
         if cfg.algorithm == "imaml":
@@ -171,11 +173,11 @@ class FewShotTrainer:
         if self.sched is not None:
             self.sched.step()
         self.step += 1
-        elapsed = time.perf_counter() - t0
-        self.seconds += elapsed
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        self.seconds += cpu
         return {"step": self.step, "query_loss": float(loss), "metric": float(met),
                 "second_order": self.second_order(), "outer_lr": self.opt.param_groups[0]["lr"],
-                "nonfinite": not finite, "time": elapsed}
+                "nonfinite": not finite, "time": elapsed, "cpu": cpu}
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, n_tasks: int = 600, inner_steps: Optional[int] = None) -> Dict:
@@ -261,7 +263,8 @@ class FewShotTrainer:
                 with open(log, "w") as f:
                     f.writelines(lines)
                 if not self.seconds:
-                    self.seconds = sum(json.loads(ln).get("time", 0.0) for ln in lines)
+                    recs = [json.loads(ln) for ln in lines]
+                    self.seconds = sum(r.get("cpu", r.get("time", 0.0)) for r in recs)
         elif os.path.exists(os.path.join(self.out, "checkpoint.pt")):
             raise RuntimeError(f"{self.out} already holds a checkpoint: pass --resume, or another --out")
         with open(os.path.join(self.out, "config.json"), "w") as f:
@@ -287,4 +290,5 @@ class FewShotTrainer:
         if bar is not None:
             bar.close()
         if self.step < self.cfg.steps and self.out_of_time():
-            print(f"time budget of {self.cfg.hours:g} h spent at outer step {self.step} of {self.cfg.steps}", flush=True)
+            print(f"budget of {self.cfg.hours:g} CPU hours spent at outer step {self.step} of {self.cfg.steps}",
+                  flush=True)
