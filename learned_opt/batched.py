@@ -112,7 +112,7 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
     wb = dict(w)
     for k in _BIASES:
         wb[k] = w[k].unsqueeze(1)
-    stats = lstm_statistics(raw, shapes, train_feat, valid_feat).to(dt)
+    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg).to(dt)
     from_mlp = torch.stack([s.from_mlp.to(dt) for s in state.tensors], dim=1)
     from_lstm = state.glob.from_lstm.to(dt).unsqueeze(1).expand(-1, T, -1)
     h = torch.stack([s.lstm_h.to(dt) for s in state.tensors], dim=1)

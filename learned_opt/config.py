@@ -11,8 +11,10 @@ import dataclasses
 import json
 from typing import Tuple
 
-# Number of per-tensor statistics fed to the LSTM (see ``features.lstm_statistics``).
+# Number of per-tensor statistics fed to the LSTM (see ``functional.lstm_statistics``), and the
+# number added by ``ArchConfig.snr_stats``.
 N_LSTM_STATS = 18
+N_SNR_STATS = 2
 # Number of per-element input columns of the MLP (see ``features.element_columns``):
 # g, p, log|p|, m x D, v x D, m/sqrt(v) x D, 1/sqrt(v) x D with D decays.
 N_ELEMENT_BASE = 3
@@ -40,6 +42,13 @@ class ArchConfig:
     clip_mult: float = 10.0
     rms_eps: float = 1e-6  # 1/sqrt(v + rms_eps)
     norm_eps: float = 1e-5  # per-tensor column scaling rsqrt(norm_eps + mean(x^2))
+    # Two more LSTM inputs per tensor, both free of the gradient's scale: log E[m^2]/E[v] (how
+    # much of the gradient survives averaging: low on a noise floor) and log E[g^2]/E[v] (the
+    # current gradient against its running average). The 18 base statistics clip log
+    # magnitudes to [-5, 5], where most models' second moments (1e-6 and below) sit at the
+    # floor, and the MLP sees m/sqrt(v) only after per-tensor normalisation, so without these
+    # neither part of the network can tell a noisy gradient from a clean one.
+    snr_stats: bool = False
 
     @property
     def n_decays(self) -> int:
@@ -63,8 +72,12 @@ class ArchConfig:
         return 2 + self.from_mlp
 
     @property
+    def n_lstm_stats(self) -> int:
+        return N_LSTM_STATS + (N_SNR_STATS if self.snr_stats else 0)
+
+    @property
     def lstm_in(self) -> int:
-        return N_LSTM_STATS + self.from_mlp + self.from_lstm
+        return self.n_lstm_stats + self.from_mlp + self.from_lstm
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -211,8 +211,15 @@ def shape_features(shapes: Sequence[torch.Size]) -> List[List[float]]:
     return out
 
 
-def lstm_statistics(raw: Tensor, shapes, train_feat: Tensor, valid_feat: Tensor) -> Tensor:
-    """The 18 per-tensor LSTM statistics.
+def clip_log_ratio(num: Tensor, den: Tensor) -> Tensor:
+    """log(num / den) for non-negative num, den, clipped to [-10, 5]; den = 0 reads as the floor."""
+    ratio = torch.log(num + 1e-30) - torch.log(den.clamp_min(1e-30))
+    return torch.clamp(torch.where(den > 0, ratio, torch.full_like(ratio, -10.0)), -10.0, 5.0)
+
+
+def lstm_statistics(raw: Tensor, shapes, train_feat: Tensor, valid_feat: Tensor,
+                    cfg: Optional[ArchConfig] = None) -> Tensor:
+    """The per-tensor LSTM statistics: 18, and 2 more with ``cfg.snr_stats``.
 
     ``raw`` is (T, 8): mean and variance of m (over elements and decays), of v and of p, then
     the sums of squares of p and of the clipped gradient. Leading dimensions (a population's
@@ -231,6 +238,10 @@ def lstm_statistics(raw: Tensor, shapes, train_feat: Tensor, valid_feat: Tensor)
         train_feat.to(raw.dtype).unsqueeze(-1).expand(lead),
         valid_feat.to(raw.dtype).unsqueeze(-1).expand(lead),
     ]
+    if cfg is not None and cfg.snr_stats:
+        numel = torch.tensor([max(math.prod(s), 1) for s in shapes], dtype=raw.dtype, device=raw.device)
+        mean_sq_m = var_m + mean_m * mean_m  # E[m^2] over elements and decays
+        cols += [clip_log_ratio(mean_sq_m, mean_v), clip_log_ratio(ss_g / numel, mean_v)]
     return torch.stack(cols, dim=-1)
 
 
@@ -334,7 +345,7 @@ def lopt_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Seque
     glob = update_clipper(glob, raw[:, 7] / torch.tensor(numels, dtype=raw.dtype, device=raw.device), cfg)
 
     # step 4: per-tensor LSTM
-    stats = lstm_statistics(raw, shapes, train_feat, valid_feat).to(dt)
+    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg).to(dt)
     from_mlp = torch.stack([state.tensors[i].from_mlp.to(dt) for i in active])
     from_lstm = state.glob.from_lstm.to(dt).expand(len(active), -1)
     h = torch.stack([state.tensors[i].lstm_h.to(dt) for i in active])

@@ -16,6 +16,7 @@ Matrices are stored as ``(fan_in, fan_out)`` so the per-element hot path is ``x 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, Optional
 
@@ -126,4 +127,24 @@ class MetaNetwork(nn.Module):
             w[:, :2] = 0.0
             w[0, 0], w[1, 0] = 1.0, -1.0
             b[:2] = 0.0
+        return net
+
+    def with_snr_stats(self) -> "MetaNetwork":
+        """This network with the two signal-to-noise LSTM inputs (``ArchConfig.snr_stats``)
+        added at zero weight: the new network computes exactly the same updates, and
+        meta-training can then learn to use the new inputs. Returns ``self`` if it has them."""
+        if self.config.snr_stats:
+            return self
+        cfg = dataclasses.replace(self.config, snr_stats=True)
+        net = MetaNetwork(cfg)
+        at = self.config.n_lstm_stats  # the new statistics follow the old ones in the LSTM input
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                q = getattr(net, name)
+                if name == "lstm_w":
+                    q[:at].copy_(p[:at])
+                    q[at + cfg.n_lstm_stats - self.config.n_lstm_stats:].copy_(p[at:])
+                    q[at:at + cfg.n_lstm_stats - self.config.n_lstm_stats].zero_()
+                else:
+                    q.copy_(p)
         return net

@@ -22,6 +22,9 @@ def _add_train_args(ap):
     ap.add_argument("--outer-lr", type=float, default=d.outer_lr)
     ap.add_argument("--steps", type=int, default=d.steps, help="outer steps (the budget)")
     ap.add_argument("--init", default=d.init, help="starting weights: name, path or 'random'")
+    ap.add_argument("--snr-stats", action="store_true",
+                    help="train the architecture with the two signal-to-noise LSTM inputs; starting "
+                         "weights without them get them at zero weight (the same updates at first)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--unroll", type=int, default=u.unroll, help="inner steps per truncation")

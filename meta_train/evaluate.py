@@ -9,7 +9,7 @@ reported.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from torch import Tensor
 from torch.func import grad_and_value
@@ -28,8 +28,9 @@ def held_out_seeds(n: int) -> List[int]:
 
 
 def train_curve(weights: Dict[str, Tensor], task, steps: int, lr: float = 1e-3,
-                pass_loss: bool = True, init_seed: int = 0, data_seed: int = 0) -> List[float]:
-    cfg = ArchConfig()
+                pass_loss: bool = True, init_seed: int = 0, data_seed: int = 0,
+                cfg: Optional[ArchConfig] = None) -> List[float]:
+    cfg = cfg or ArchConfig()
     params = task.init(init_seed)
     names = list(params)
     state = init_state(weights, [params[k] for k in names], cfg)
@@ -53,7 +54,7 @@ def evaluate(weights_list: Sequence[str], family: str, n_tasks: int = 8, steps: 
         weights = {k: v.detach() for k, v in net.weights().items()}
         per_task = []
         for task in tasks:
-            curve = train_curve(weights, task, steps, pass_loss=pass_loss)
+            curve = train_curve(weights, task, steps, pass_loss=pass_loss, cfg=net.config)
             logs = [math.log(x) if x > 0 and math.isfinite(x) else float("inf") for x in curve]
             per_task.append({"task": task.name, "meta_objective": sum(logs) / len(logs),
                              "final_loss": curve[-1]})

@@ -28,8 +28,9 @@ class OuterOptimizer:
             if kind != "self":
                 net, _ = load_weights(kind)
                 self.fixed = {k: v.detach() for k, v in net.weights().items()}
+                self.cfg = net.config  # a fixed outer optimizer runs with its own architecture
             weights = self.fixed if self.fixed is not None else theta
-            self.state = init_state(weights, [theta[k] for k in self.names], cfg)
+            self.state = init_state(weights, [theta[k] for k in self.names], self.cfg)
 
     def step(self, theta: Dict[str, Tensor], grad: Dict[str, Tensor], meta_loss: float) -> None:
         """Update ``theta`` in place."""

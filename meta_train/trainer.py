@@ -50,6 +50,7 @@ class MetaTrainConfig:
     outer_lr: float = 3e-4
     steps: int = 200  # outer steps
     init: str = "adam-like-init-v0"  # starting weights: a name, a path, or "random"
+    snr_stats: bool = False  # the architecture with the signal-to-noise LSTM inputs (ArchConfig)
     seed: int = 0
     checkpoint_every: int = 10
     unroll: UnrollSettings = dataclasses.field(default_factory=UnrollSettings)
@@ -78,9 +79,18 @@ class MetaTrainConfig:
             raise ValueError("min_horizon must be <= max_horizon")
 
 
-def initial_theta(init: str) -> Dict[str, Tensor]:
-    net = MetaNetwork.random() if init == "random" else load_weights(init)[0]
-    return {k: v.detach().clone() for k, v in net.weights().items()}
+def initial_theta(init: str, snr_stats: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
+    """The starting weights and their architecture. With ``snr_stats``, weights without the
+    signal-to-noise inputs get them at zero weight (the same updates as the weights given)."""
+    if init == "random":
+        net = MetaNetwork.random(ArchConfig(snr_stats=snr_stats))
+    else:
+        net = load_weights(init)[0]
+        if snr_stats:
+            net = net.with_snr_stats()
+        elif net.config.snr_stats:
+            raise ValueError(f"the starting weights {init!r} have the signal-to-noise inputs: pass --snr-stats")
+    return {k: v.detach().clone() for k, v in net.weights().items()}, net.config
 
 
 def _read_checkpoint(path: Path) -> Dict[str, Any]:
@@ -108,9 +118,8 @@ class MetaTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.rank, self.world = rank, world
         self.progress = progress and rank == 0
-        self.lopt_cfg = ArchConfig()
         self.family = get_family(config.family, config.scale_augment)
-        self.theta = initial_theta(config.init)
+        self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats)
         self.names = list(self.theta)
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]
@@ -305,7 +314,7 @@ class MetaTrainer:
     def _write_weights(self) -> None:
         if self.rank == 0:
             save_weights(self.theta, self.out / "weights.safetensors", f"meta-trained-{self.c.family}",
-                         metadata={"outer_steps": str(self.step), "config": self.c.to_json(),
+                         config=self.lopt_cfg, metadata={"outer_steps": str(self.step), "config": self.c.to_json(),
                                    "note": "intermediate meta-training weights"})
 
     def _load(self, path: Path, obj: Dict[str, Any]) -> None:

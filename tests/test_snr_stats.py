@@ -1,0 +1,145 @@
+"""The signal-to-noise LSTM inputs (``ArchConfig.snr_stats``): what they compute, that adding
+them at zero weight changes no update, and that they travel through weights files, the
+population step and meta-training."""
+
+import math
+
+import pytest
+import torch
+
+from learned_opt import ArchConfig, LearnedOptimizer, load_weights, save_weights
+from learned_opt.batched import population_step
+from learned_opt.config import N_LSTM_STATS, N_SNR_STATS
+from learned_opt.functional import init_state, lopt_step, lstm_statistics
+
+SNR = ArchConfig(snr_stats=True)
+
+
+def _raw(m, v, p, g):
+    """The (T=1, 8) raw statistics of one tensor, straight from their definitions."""
+    return torch.stack([m.mean(), m.var(unbiased=False), v.mean(), v.var(unbiased=False), p.mean(),
+                        p.var(unbiased=False), (p * p).sum(), (g * g).sum()]).unsqueeze(0)
+
+
+def _snr_columns(m, v, p, g):
+    zero = torch.zeros((), dtype=torch.float64)
+    stats = lstm_statistics(_raw(m, v, p, g), [p.shape], zero, zero, SNR)
+    assert stats.shape == (1, N_LSTM_STATS + N_SNR_STATS)
+    base = lstm_statistics(_raw(m, v, p, g), [p.shape], zero, zero)
+    assert torch.equal(stats[:, :N_LSTM_STATS], base)  # the 18 are unchanged and come first
+    return stats[0, N_LSTM_STATS:]
+
+
+def test_snr_columns_are_the_log_ratios_and_free_of_the_gradient_scale():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    m = torch.randn(120, 5, generator=gen, dtype=torch.float64) * 1e-3
+    v = torch.rand(120, 5, generator=gen, dtype=torch.float64) * 1e-5 + 1e-6
+    g = torch.randn(40, 3, generator=gen, dtype=torch.float64) * 2e-3
+    cols = _snr_columns(m, v, p, g)
+    want = torch.stack([torch.log((m * m).mean() / v.mean()), torch.log((g * g).mean() / v.mean())])
+    torch.testing.assert_close(cols, want, rtol=1e-10, atol=1e-10)
+    for s in (1e-4, 1e3):  # gradients, m and v scaled together: the columns stay
+        torch.testing.assert_close(_snr_columns(m * s, v * s * s, p, g * s), cols, rtol=1e-8, atol=1e-8)
+    # all-zero accumulators (a tensor that never had a gradient) read as the floor, not 0/0
+    z = torch.zeros_like(m)
+    assert _snr_columns(z, z, p, torch.zeros_like(g)).tolist() == [-10.0, -10.0]
+
+
+def _accumulators(grads):
+    """Run the optimizer's accumulators over a gradient sequence; return the SNR column."""
+    net = load_weights("adam-like-init-v0")[0].with_snr_stats()
+    w = {k: v.detach().double() for k, v in net.weights().items()}
+    p = [torch.zeros(grads[0].shape, dtype=torch.float64)]
+    st = init_state(w, p, SNR)
+    for g in grads:
+        p, st = lopt_step(w, p, [g], st, lr=0.0, cfg=SNR)
+    m, v = st.tensors[0].mom, st.tensors[0].rms
+    return float(torch.log((m * m).mean() / v.mean()))
+
+
+def test_snr_is_high_for_a_steady_gradient_and_low_for_noise():
+    gen = torch.Generator().manual_seed(1)
+    steady = torch.randn(500, generator=gen, dtype=torch.float64)
+    noise = [torch.randn(500, generator=gen, dtype=torch.float64) for _ in range(300)]
+    assert _accumulators([steady] * 300) > _accumulators(noise) + 1.0
+
+
+def _run(weights, cfg, steps=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(8, 5, generator=gen, dtype=torch.float64),
+              torch.randn(5, generator=gen, dtype=torch.float64)]
+    st = init_state(weights, params, cfg)
+    for t in range(steps):
+        grads = [torch.randn(x.shape, generator=gen, dtype=torch.float64) * 10.0 ** (-t) for x in params]
+        params, st = lopt_step(weights, params, grads, st, loss=1.0 / (t + 1), lr=1e-2, cfg=cfg)
+    return params
+
+
+def test_adding_the_inputs_at_zero_weight_changes_no_update():
+    net = load_weights()[0]
+    wide = net.with_snr_stats()
+    assert wide.config.snr_stats and not net.config.snr_stats and wide.with_snr_stats() is wide
+    assert wide.lstm_w.shape[0] == net.lstm_w.shape[0] + N_SNR_STATS
+    a = _run({k: v.detach().double() for k, v in net.weights().items()}, net.config)
+    b = _run({k: v.detach().double() for k, v in wide.weights().items()}, wide.config)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    # and the new rows do act once they are not zero
+    with torch.no_grad():
+        wide.lstm_w[N_LSTM_STATS:N_LSTM_STATS + N_SNR_STATS] = 0.5
+    c = _run({k: v.detach().double() for k, v in wide.weights().items()}, wide.config)
+    assert any(not torch.allclose(x, y) for x, y in zip(a, c))
+
+
+def test_weights_file_carries_the_architecture(tmp_path):
+    wide = load_weights()[0].with_snr_stats()
+    save_weights(wide, tmp_path / "w.safetensors", "snr-test")
+    back, info = load_weights(tmp_path / "w.safetensors")
+    assert info.config.snr_stats and back.config == wide.config
+    model = torch.nn.Linear(4, 2)
+    opt = LearnedOptimizer(model.parameters(), weights=tmp_path / "w.safetensors")
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_population_step_uses_the_inputs_like_lopt_step():
+    gen = torch.Generator().manual_seed(2)
+    base = load_weights()[0].with_snr_stats().weights()
+    M = 3
+    ws = [{k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).double() for k, v in base.items()}
+          for _ in range(M)]
+    shapes = [(6, 4), (4,)]
+    ps = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(M)]
+    ss = [init_state(ws[i], ps[i], SNR) for i in range(M)]
+    stack = lambda xs: torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *xs)  # noqa: E731
+    W, P, S = stack(ws), stack(ps), stack(ss)
+    for t in range(4):
+        G = [torch.randn(M, *s, generator=gen, dtype=torch.float64) * 10.0 ** (-t) for s in shapes]
+        with torch.no_grad():
+            P, S = population_step(W, P, G, S, loss=None, lr=1e-2, cfg=SNR)
+        for i in range(M):
+            ps[i], ss[i] = lopt_step(ws[i], ps[i], [g[i] for g in G], ss[i], lr=1e-2, cfg=SNR)
+    for i in range(M):
+        for a, b in zip(ps[i], P):
+            torch.testing.assert_close(b[i], a, rtol=1e-11, atol=1e-13)
+
+
+def test_meta_training_with_the_inputs(tmp_path):
+    from meta_train.population import UnrollSettings
+    from meta_train.trainer import MetaTrainConfig, MetaTrainer
+    cfg = MetaTrainConfig(family="teacher_student", pairs=2, groups=1, steps=2, checkpoint_every=1,
+                          unroll=UnrollSettings(unroll=3, min_horizon=6, max_horizon=6), init="rnn-mlp-pes-mix-v1",
+                          snr_stats=True)
+    tr = MetaTrainer(cfg, tmp_path, progress=False)
+    start = load_weights("rnn-mlp-pes-mix-v1")[0].with_snr_stats().weights()
+    tr.run()
+    net, info = load_weights(tmp_path / "weights.safetensors")
+    assert info.config.snr_stats
+    moved = net.lstm_w[N_LSTM_STATS:N_LSTM_STATS + N_SNR_STATS]
+    assert not torch.equal(moved, start["lstm_w"][N_LSTM_STATS:N_LSTM_STATS + N_SNR_STATS])
+    # weights that have the inputs cannot silently start a run without them
+    with pytest.raises(ValueError, match="snr-stats"):
+        MetaTrainer(MetaTrainConfig(init=str(tmp_path / "weights.safetensors")), tmp_path / "other", progress=False)
+    assert math.isfinite(float(net.lstm_w.detach().sum()))
