@@ -50,9 +50,9 @@ def train(model, opt, steps, pass_loss=True, dtype=torch.float32, start=0):
     return losses
 
 
-def random_weights(seed=3):
+def random_weights(seed=3, config=None):
     """A meta-network with every path active (the default init zeroes some)."""
-    return MetaNetwork.random(seed=seed)
+    return MetaNetwork.random(config, seed=seed)
 
 
 def make(model, **kw):

@@ -8,14 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import random_weights
-from learned_opt import LearnedOptimizer
+from learned_opt import ArchConfig, LearnedOptimizer
 
 shapes = st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=5).map(tuple),
                   min_size=1, max_size=5)
 dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
 MAX_EXP = {torch.float16: 4, torch.bfloat16: 8, torch.float32: 8, torch.float64: 8}
 
-_NETS = {"default": None, "random": random_weights(seed=7)}
+_NETS = {"default": None, "random": random_weights(seed=7),
+         "random-snr": random_weights(seed=8, config=ArchConfig(snr_stats=True))}
 
 
 def _state_tensors(opt):
