@@ -5,7 +5,7 @@ Runs (each resumable: re-running this script continues unfinished runs, then eva
 
 * 5-way 1-shot: MAML (second order), MAML++ (all five components), iMAML, 500 outer steps
   each at meta-batch 8 with 5 inner steps and 15 query images per class;
-* 5-way 1-shot, two CPU hours each (``-2h``): MAML and MAML++ with 5 query images per class
+* 5-way 1-shot, two CPU hours each (``-2h``): MAML, MAML++ and iMAML with 5 query images per class
   in training (15 at test), which makes an outer step 2-3x cheaper;
 * 20-way 1-shot: MAML++, 500 outer steps (about 40 s each, looping over tasks).
 
@@ -58,6 +58,9 @@ RUNS = {
                        "--hours", "2"],
     "5w1s-maml-2h": ["--algorithm", "maml", "--ways", "5", "--inner-lr", "0.1", "--queries", "5",
                      "--eval-queries", "15", "--steps", "10000", "--hours", "2"],
+    "5w1s-imaml-2h": ["--algorithm", "imaml", "--ways", "5", "--inner-lr", "0.1", "--lam", "2", "--cg-steps", "5",
+                      "--curvature", "gauss-newton", "--queries", "5", "--eval-queries", "15", "--steps", "10000",
+                      "--hours", "2"],
     "20w1s-mamlpp": ["--algorithm", "mamlpp", "--ways", "20", "--inner-lr", "0.1", "--epoch-len", "50", "--no-use-vmap",
                      "--msl-epochs", "2"],
 }
