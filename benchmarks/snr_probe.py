@@ -33,17 +33,11 @@ from compare import TASKS  # noqa: E402
 from learned_opt import ArchConfig, LearnedOptimizer  # noqa: E402
 from learned_opt.config import N_LSTM_STATS  # noqa: E402
 from learned_opt.functional import lstm_statistics  # noqa: E402
+from learned_opt.reference import raw_statistics  # noqa: E402
 
 # the columns of lstm_statistics that are clip_log_abs values (the rest are signs, shapes, losses)
 LOG_COLUMNS = [0, 2, 3, 5, 6, 8, 9, 10]
 SNR = ArchConfig(snr_stats=True)
-
-
-def raw_statistics(p, g, m, v):
-    """(1, 8) raw statistics of one tensor, as ``fast.tensor_statistics`` defines them."""
-    m, v, p, g = (x.detach().double() for x in (m, v, p, g))
-    return torch.stack([m.mean(), m.var(unbiased=False), v.mean(), v.var(unbiased=False), p.mean(),
-                        p.var(unbiased=False), (p * p).sum(), (g * g).sum()]).unsqueeze(0)
 
 
 def probe(opt, params):
@@ -53,7 +47,8 @@ def probe(opt, params):
         st = opt.state.get(p, {})
         if p.grad is None or "mom" not in st or p.numel() == 0:
             continue
-        cols = lstm_statistics(raw_statistics(p, p.grad, st["mom"], st["rms"]), [p.shape], zero, zero, SNR)[0]
+        raw = raw_statistics(p.detach(), p.grad, st["mom"], st["rms"]).unsqueeze(0)
+        cols = lstm_statistics(raw, [p.shape], zero, zero, SNR)[0]
         base = cols[LOG_COLUMNS]
         at_bound.append(float((base.abs() >= 5.0 - 1e-9).double().mean()))
         snr_m.append(float(cols[N_LSTM_STATS]))

@@ -138,13 +138,12 @@ class MetaNetwork(nn.Module):
         cfg = dataclasses.replace(self.config, snr_stats=True)
         net = MetaNetwork(cfg)
         at = self.config.n_lstm_stats  # the new statistics follow the old ones in the LSTM input
-        with torch.no_grad():
+        with torch.no_grad():  # the new network starts all zeros: copy around the new rows
             for name, p in self.named_parameters():
                 q = getattr(net, name)
                 if name == "lstm_w":
                     q[:at].copy_(p[:at])
-                    q[at + cfg.n_lstm_stats - self.config.n_lstm_stats:].copy_(p[at:])
-                    q[at:at + cfg.n_lstm_stats - self.config.n_lstm_stats].zero_()
+                    q[cfg.n_lstm_stats:].copy_(p[at:])
                 else:
                     q.copy_(p)
         return net

@@ -27,6 +27,21 @@ def _decays(cfg: ArchConfig, like: Tensor) -> Tensor:
     return torch.tensor(cfg.decays, dtype=like.dtype, device=like.device)
 
 
+def raw_statistics(p: Tensor, g: Tensor, m: Tensor, v: Tensor) -> Tensor:
+    """(8,) float64 statistics of one tensor with clipped gradient ``g`` and accumulators
+    ``m``, ``v``: mean/var of m, of v (over elements and decays), of p, then the sums of
+    squares of p and of g."""
+    # statistics in float64: the log(1e-8 + |mean|) features are very sensitive to the
+    # rounding of a mean that nearly cancels, so both implementations accumulate exactly
+    m64, v64, p64, g64 = m.double(), v.double(), p.double(), g.double()
+    return torch.stack([
+        m64.mean(), ((m64 - m64.mean()) ** 2).mean(),
+        v64.mean(), ((v64 - v64.mean()) ** 2).mean(),
+        p64.mean(), ((p64 - p64.mean()) ** 2).mean(),
+        (p64 * p64).sum(), (g64 * g64).sum(),
+    ])
+
+
 def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None,
                       inplace=False):
     """Clip the gradients, update the accumulators, and return per-tensor statistics
@@ -38,15 +53,7 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
         g = torch.clamp(g, -amount, amount)
         m = b * m + (1 - b) * g.unsqueeze(-1)
         v = b * v + (1 - b) * (g * g).unsqueeze(-1)
-        # statistics in float64: the log(1e-8 + |mean|) features are very sensitive to the
-        # rounding of a mean that nearly cancels, so both implementations accumulate exactly
-        m64, v64, p64, g64 = m.double(), v.double(), p.double(), g.double()
-        rows.append(torch.stack([
-            m64.mean(), ((m64 - m64.mean()) ** 2).mean(),
-            v64.mean(), ((v64 - v64.mean()) ** 2).mean(),
-            p64.mean(), ((p64 - p64.mean()) ** 2).mean(),
-            (p64 * p64).sum(), (g64 * g64).sum(),
-        ]))
+        rows.append(raw_statistics(p, g, m, v))
         G.append(g)
         M.append(m)
         V.append(v)

@@ -11,14 +11,14 @@ from learned_opt import ArchConfig, LearnedOptimizer, load_weights, save_weights
 from learned_opt.batched import population_step
 from learned_opt.config import N_LSTM_STATS, N_SNR_STATS
 from learned_opt.functional import init_state, lopt_step, lstm_statistics
+from learned_opt.reference import raw_statistics
 
 SNR = ArchConfig(snr_stats=True)
 
 
 def _raw(m, v, p, g):
-    """The (T=1, 8) raw statistics of one tensor, straight from their definitions."""
-    return torch.stack([m.mean(), m.var(unbiased=False), v.mean(), v.var(unbiased=False), p.mean(),
-                        p.var(unbiased=False), (p * p).sum(), (g * g).sum()]).unsqueeze(0)
+    """The (T=1, 8) raw statistics of one tensor, as the reference computes them."""
+    return raw_statistics(p, g, m, v).unsqueeze(0)
 
 
 def _snr_columns(m, v, p, g):
