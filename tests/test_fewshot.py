@@ -368,6 +368,30 @@ def test_fewshot_resume_equals_uninterrupted_and_checks_the_config(tmp_path):
         FewShotTrainer(cfg(inner_lr=0.5), str(tmp_path / "part")).load()
 
 
+def test_msl_final_only_drops_the_intermediate_losses_after_the_msl_epochs():
+    """With msl_final_only, MAML++ uses the multi-step loss for msl_epochs and then the last
+    step's query loss alone: the outer step then equals that of a run without the multi-step
+    loss; without the switch the floor weights keep the earlier steps in the meta-loss."""
+    from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
+
+    def trainer(**kw):
+        cfg = FewShotConfig(algorithm="mamlpp", dataset="sinusoid", shots=5, inner_steps=3, meta_batch=3,
+                            steps=6, epoch_len=1, msl_epochs=2, **kw)
+        return FewShotTrainer(cfg, "unused")
+
+    final_only, floor, plain = trainer(msl_final_only=True), trainer(), trainer(msl=False)
+    assert [final_only.multi_step_loss() for final_only.step in range(4)] == [True, True, False, False]
+    assert all(floor.multi_step_loss() for floor.step in range(4))
+    for t in (final_only, floor, plain):
+        t.step = 2
+        rec = t.outer_step()
+    assert rec["multi_step_loss"] is False  # the log says what the step did
+    for g, d in plain.meta.items():
+        for k, v in d.items():
+            assert torch.equal(v, final_only.meta[g][k]), (g, k)
+    assert not all(torch.equal(v, floor.meta["params"][k]) for k, v in plain.meta["params"].items())
+
+
 def test_fewshot_time_budget_stops_and_survives_resume(tmp_path):
     from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
 

@@ -36,6 +36,10 @@ def _add_config(p: argparse.ArgumentParser):
     for name in ("msl", "lslr", "bn_per_step", "cosine_lr", "use_vmap"):
         p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
                        help=f"switch off {name} (MAML++ component)" if name != "use_vmap" else "loop over tasks")
+    p.add_argument("--msl-final-only", action="store_true",
+                   help="MAML++: after --msl-epochs, only the last inner step's query loss counts and the "
+                        "intermediate query passes are skipped (as the MAML++ authors' code does; without it "
+                        "the earlier steps keep their floor weight)")
     p.add_argument("--threads", type=int, default=0)
 
 

@@ -50,6 +50,9 @@ class FewShotConfig:
     # MAML++ switches (used when algorithm == "mamlpp")
     msl: bool = True
     msl_epochs: int = 10
+    # after msl_epochs, count only the last step's query loss and skip the intermediate query
+    # passes (the MAML++ authors' code does this); off: the annealed weights stay at their floor
+    msl_final_only: bool = False
     lslr: bool = True
     bn_per_step: bool = True  # per-step batch-norm weights and running statistics
     derivative_annealing_epochs: int = -1  # first-order epochs; -1: a third of the budget
@@ -132,6 +135,12 @@ class FewShotTrainer:
             return self.epoch >= da
         return True
 
+    def multi_step_loss(self) -> bool:
+        """Whether this step's meta-loss sums the query losses after every inner step."""
+        if not self.mcfg.multi_step_loss:
+            return False
+        return not (self.cfg.msl_final_only and self.epoch >= self.cfg.msl_epochs)
+
     def out_of_time(self) -> bool:
         return self.cfg.hours > 0 and self.seconds >= self.cfg.hours * 3600
 
@@ -140,6 +149,7 @@ class FewShotTrainer:
         cfg = self.cfg
         t0, c0 = time.perf_counter(), time.process_time()
         batch = self.train_data.batch(self.step, cfg.meta_batch)
+        second_order, msl = self.second_order(), self.multi_step_loss()  # this step's schedule
         meta = {g: {k: v.detach() for k, v in d.items()} for g, d in self.meta.items()}
         if cfg.algorithm == "imaml":
             g, loss, met = imaml_meta_gradient(meta["params"], batch, self.model, self.loss_fn, self.mcfg,
@@ -154,9 +164,9 @@ class FewShotTrainer:
             loss = met = joint_loss(meta["params"]).detach()
             grads = {"params": g}
         else:
-            w = msl_weights(cfg.inner_steps, self.epoch, cfg.msl_epochs) if self.mcfg.multi_step_loss else None
+            w = msl_weights(cfg.inner_steps, self.epoch, cfg.msl_epochs) if msl else None
             grads, loss, met, stats = meta_gradient(meta, batch, self.model, self.loss_fn, self.mcfg,
-                                                    self.second_order(), w, self.metric, cfg.use_vmap)
+                                                    second_order, w, self.metric, cfg.use_vmap)
             if self.bn_running and stats.numel():
                 self.running = stats.clone() if self.running is None else 0.9 * self.running + 0.1 * stats
         finite = all(torch.isfinite(v).all() for d in grads.values() for v in d.values())
@@ -176,7 +186,8 @@ class FewShotTrainer:
         elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
         self.seconds += cpu
         return {"step": self.step, "query_loss": float(loss), "metric": float(met),
-                "second_order": self.second_order(), "outer_lr": self.opt.param_groups[0]["lr"],
+                "second_order": second_order, "multi_step_loss": msl,
+                "outer_lr": self.opt.param_groups[0]["lr"],
                 "nonfinite": not finite, "time": elapsed, "cpu": cpu}
 
     # ------------------------------------------------------------------ evaluation
