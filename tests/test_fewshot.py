@@ -417,6 +417,16 @@ def test_fewshot_time_budget_stops_and_survives_resume(tmp_path):
         FewShotTrainer(cfg(hours=-1.0), str(tmp_path / "bad"))
 
 
+def test_median_and_worst_count_a_diverged_task_as_the_worst():
+    from meta_train.fewshot.train import median_and_worst
+    nan, inf = float("nan"), float("inf")
+    # sorted() on a list with NaN would leave it unordered (the median here was once 0.014
+    # for a run whose real median was 0.47)
+    assert median_and_worst([0.5, nan, 0.1, 0.3, 0.2], higher_is_better=False) == (0.3, inf)
+    assert median_and_worst([0.9, nan, 0.8, 1.0], higher_is_better=True) == (0.9, -inf)
+    assert median_and_worst([3.0, 1.0, 2.0], higher_is_better=False) == (2.0, 3.0)
+
+
 def test_test_tasks_take_their_own_query_count():
     from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
     tr = FewShotTrainer(FewShotConfig(dataset="sinusoid", shots=5, queries=3, eval_queries=7), "unused")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from typing import Dict, Optional
@@ -81,6 +82,14 @@ class FewShotConfig:
         for k in ("queries", "eval_queries", "hours"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must not be negative")
+
+
+def median_and_worst(values, higher_is_better: bool):
+    """Median and worst of per-task scores, a non-finite score counting as the worst possible
+    (sorting a list holding NaN would order it arbitrarily)."""
+    bad = float("-inf") if higher_is_better else float("inf")
+    srt = sorted(v if math.isfinite(v) else bad for v in values)
+    return srt[len(srt) // 2], srt[0] if higher_is_better else srt[-1]
 
 
 class FewShotTrainer:
@@ -219,8 +228,8 @@ class FewShotTrainer:
                 values.append(float(self.metric(out, ep.yq) if self.metric else self.loss_fn(out, ep.yq)))
         mean, ci = mean_ci95(values)
         name = "accuracy" if self.metric else "mse"
-        srt = sorted(values)
-        return {name: mean, "ci95": ci, "median": srt[len(srt) // 2], "worst": srt[0] if self.metric else srt[-1],
+        median, worst = median_and_worst(values, higher_is_better=self.metric is not None)
+        return {name: mean, "ci95": ci, "median": median, "worst": worst,
                 "tasks": n_tasks, "inner_steps": steps, "outer_steps": self.step}
 
     # ------------------------------------------------------------------ checkpoints
