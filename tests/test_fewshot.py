@@ -14,7 +14,7 @@ from meta_train.fewshot.data import (Episode, FewShotClasses, OmniglotError, Sin
                                      stack_episodes, vinyals_split)
 from meta_train.fewshot.maml import (MAMLConfig, batched_conjugate_gradient, conjugate_gradient, curvature_product,
                                      imaml_adapt,
-                                     imaml_meta_gradient, imaml_task_gradient, init_meta, proximal_step,
+                                     imaml_meta_gradient, imaml_task_gradient, init_meta, proximal_solve, proximal_step,
                                      maml_task_loss, meta_gradient, msl_weights)
 from meta_train.fewshot.models import FunctionalModel, conv4, from_module
 
@@ -248,10 +248,11 @@ def test_gauss_newton_product_for_mse_equals_the_explicit_jacobian_form():
         assert torch.allclose(torch.cat([got[k].reshape(-1) for k in phi]), want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("curvature", ["hessian", "gauss-newton"])
-def test_imaml_vmap_over_tasks_equals_the_per_task_reference(curvature):
+@pytest.mark.parametrize("curvature,solver", [("hessian", "gd"), ("gauss-newton", "gd"),
+                                              ("gauss-newton", "gauss-newton")])
+def test_imaml_vmap_over_tasks_equals_the_per_task_reference(curvature, solver):
     model = conv4(ways=3, channels=4, image=16)
-    cfg = MAMLConfig(lam=2.0, cg_steps=3, curvature=curvature)
+    cfg = MAMLConfig(lam=2.0, cg_steps=3, curvature=curvature, inner_solver=solver, inner_cg_steps=4)
     theta = {k: v.double() for k, v in init_meta(model, cfg, seed=0)["params"].items()}
     gen = torch.Generator().manual_seed(0)
     eps = [Episode(torch.rand(6, 1, 16, 16, generator=gen).double(), torch.tensor([0, 0, 1, 1, 2, 2]),
@@ -264,6 +265,34 @@ def test_imaml_vmap_over_tasks_equals_the_per_task_reference(curvature):
     for k in gv:
         assert torch.allclose(gv[k], gl[k], rtol=1e-8, atol=1e-11), k
     assert torch.allclose(lv, ll)
+
+
+def test_gauss_newton_inner_solver_solves_the_proximal_problem():
+    """On least squares with a linear model the Gauss-Newton matrix is the Hessian, so one
+    full step with enough CG steps lands on the closed-form proximal solution; on a tanh
+    network, Gauss-Newton steps reach the solution that many gradient steps converge to."""
+    g = torch.Generator().manual_seed(5)
+    d, n, lam = 4, 12, 2.0
+    lin = FunctionalModel(lambda s: {"w": torch.randn(d, 1, generator=g, dtype=torch.float64)},
+                          lambda p, x, step=0, stats=None: (x @ p["w"], []))
+    x, y = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64)
+    theta = lin.init(0)
+    cfg = MAMLConfig(lam=lam, inner_solver="gauss-newton", inner_cg_steps=d)
+    got = proximal_solve(lin, theta, x, y, mse, cfg, 1, 1.0)["w"]
+    A = 2.0 / n * x.T @ x  # the Hessian of the mean squared error
+    want = torch.linalg.solve(A + lam * torch.eye(d, dtype=torch.float64), 2.0 / n * x.T @ y + lam * theta["w"])
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+
+    model = tiny_mlp()
+    theta = model.init(0)
+    ep = sine_episode(0)
+    by_gd = proximal_solve(model, theta, ep.xs, ep.ys, mse, MAMLConfig(lam=lam), 400, 0.1)
+    by_gn = proximal_solve(model, theta, ep.xs, ep.ys, mse,
+                           MAMLConfig(lam=lam, inner_solver="gauss-newton", inner_cg_steps=30), 16, 1.0)
+    for k in theta:
+        assert torch.allclose(by_gn[k], by_gd[k], rtol=1e-6, atol=1e-8), k
+    with pytest.raises(ValueError, match="inner_solver"):
+        proximal_solve(model, theta, ep.xs, ep.ys, mse, MAMLConfig(inner_solver="newton"), 1, 1.0)
 
 
 def test_proximal_step_and_its_gradient_clip():

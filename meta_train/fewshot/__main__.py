@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .maml import CURVATURES
+from .maml import CURVATURES, INNER_SOLVERS
 from .train import ALGORITHMS, FewShotConfig, FewShotTrainer
 
 
@@ -27,12 +27,15 @@ def _add_config(p: argparse.ArgumentParser):
     p.add_argument("--data-root", default=None, help="folder holding the Omniglot archives or their unpacked folders")
     for name in ("ways", "shots", "queries", "eval_queries", "inner_steps", "eval_inner_steps", "meta_batch", "steps",
                  "epoch_len", "seed", "checkpoint_every", "channels", "msl_epochs",
-                 "derivative_annealing_epochs", "cg_steps"):
+                 "derivative_annealing_epochs", "cg_steps", "inner_cg_steps"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("inner_lr", "outer_lr", "min_outer_lr", "lam", "inner_clip", "hours"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument("--curvature", choices=CURVATURES, default=d.curvature,
                    help="iMAML: the curvature in the CG system (I + C/lam) x = g")
+    p.add_argument("--inner-solver", choices=INNER_SOLVERS, default=d.inner_solver,
+                   help="iMAML: the proximal inner solve, gradient steps at --inner-lr or Gauss-Newton steps "
+                        "(--inner-cg-steps of CG on (G + lam I) d = g each, moving --inner-lr * d)")
     for name in ("msl", "lslr", "bn_per_step", "cosine_lr", "use_vmap"):
         p.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false",
                        help=f"switch off {name} (MAML++ component)" if name != "use_vmap" else "loop over tasks")

@@ -45,6 +45,12 @@ class MAMLConfig:
     # curvature in (I + H/lam): "hessian" (the paper's) or "gauss-newton" (J^T H_loss J, positive
     # semi-definite, so CG never meets negative curvature; exact for models linear in params)
     curvature: str = "hessian"
+    # the proximal inner solve: "gd" (gradient steps at inner_lr) or "gauss-newton" (each step
+    # solves (G + lam I) d = grad of the proximal loss by inner_cg_steps of CG, G the support
+    # loss's Gauss-Newton matrix, and moves inner_lr * d: a Hessian-free solver, as in the
+    # iMAML paper's Hessian-free variant; the meta-gradient only needs the solution)
+    inner_solver: str = "gd"
+    inner_cg_steps: int = 10
 
 
 def msl_weights(steps: int, epoch: float, msl_epochs: int) -> Tensor:
@@ -220,6 +226,59 @@ def proximal_step(phi: Dict[str, Tensor], g: Dict[str, Tensor], theta: Dict[str,
     return {k: phi[k] - lr * (g[k] + lam * (phi[k] - theta[k])) for k in phi}
 
 
+INNER_SOLVERS = ("gd", "gauss-newton")  # the choices for MAMLConfig.inner_solver
+
+
+def proximal_solve(model, theta, xs, ys, loss_fn, cfg: MAMLConfig, inner_steps: int, inner_lr: float):
+    """iMAML's inner problem for one task, ``min_phi L(phi) + lam/2 |phi - theta|^2`` with L the
+    support loss, from phi = theta by ``inner_steps`` steps of ``cfg.inner_solver``. Returns phi
+    (detached: the meta-gradient is implicit)."""
+    theta = {k: v.detach() for k, v in theta.items()}
+
+    def support_loss(p):
+        return loss_fn(model.forward(p, xs, 0)[0], ys)
+
+    if cfg.inner_solver not in INNER_SOLVERS:
+        raise ValueError(f"inner_solver must be one of {INNER_SOLVERS}, got {cfg.inner_solver!r}")
+    gn = curvature_product(model, loss_fn, "gauss-newton")
+    phi = dict(theta)
+    for _ in range(inner_steps):
+        g = grad(support_loss)(phi)
+        if cfg.inner_solver == "gd":
+            phi = proximal_step(phi, g, theta, inner_lr, cfg.lam, cfg.inner_clip)
+            continue
+        b = {k: g[k] + cfg.lam * (phi[k] - theta[k]) for k in phi}
+        d = conjugate_gradient(lambda v, phi=phi: {k: x + cfg.lam * v[k] for k, x in gn(phi, xs, ys, v).items()},
+                               b, cfg.inner_cg_steps)
+        phi = {k: phi[k] - inner_lr * d[k] for k in phi}
+    return {k: v.detach() for k, v in phi.items()}
+
+
+def batched_proximal_solve(model, theta, xs, ys, loss_fn, cfg: MAMLConfig, inner_steps: int, inner_lr: float):
+    """:func:`proximal_solve` for a batch of tasks (leading dim of ``xs``, ``ys``) at once; the
+    Gauss-Newton solver advances all tasks' CG systems together. Tested equal to the loop."""
+    theta = {k: v.detach() for k, v in theta.items()}
+
+    def task_loss(p, x, y):
+        return loss_fn(model.forward(p, x, 0)[0], y)
+
+    if cfg.inner_solver == "gd":  # plain steps: the one-task solve, vectorised over tasks
+        return vmap(lambda x, y: proximal_solve(model, theta, x, y, loss_fn, cfg, inner_steps, inner_lr))(xs, ys)
+    if cfg.inner_solver not in INNER_SOLVERS:
+        raise ValueError(f"inner_solver must be one of {INNER_SOLVERS}, got {cfg.inner_solver!r}")
+    gn = vmap(curvature_product(model, loss_fn, "gauss-newton"))
+    n = xs.shape[0]
+    phis = {k: v.unsqueeze(0).expand(n, *v.shape).clone() for k, v in theta.items()}
+    for _ in range(inner_steps):
+        g = vmap(grad(task_loss))(phis, xs, ys)
+        b = {k: g[k] + cfg.lam * (phis[k] - theta[k]) for k in phis}
+        d = batched_conjugate_gradient(
+            lambda v, phis=phis: {k: x + cfg.lam * v[k] for k, x in gn(phis, xs, ys, v).items()},
+            b, cfg.inner_cg_steps)
+        phis = {k: phis[k] - inner_lr * d[k] for k in phis}
+    return {k: v.detach() for k, v in phis.items()}
+
+
 def imaml_task_gradient(theta: Dict[str, Tensor], episode: Episode, model: FunctionalModel, loss_fn,
                         cfg: MAMLConfig, inner_steps: int, inner_lr: float, metric=None):
     """iMAML meta-gradient of one task. Returns (grads like theta, query loss, metric)."""
@@ -233,11 +292,7 @@ def imaml_task_gradient(theta: Dict[str, Tensor], episode: Episode, model: Funct
     def query_loss(p):
         return loss_fn(model.forward(p, xq, 0)[0], yq)
 
-    phi = dict(theta)
-    for _ in range(inner_steps):
-        g = grad(support_loss)(phi)
-        phi = proximal_step(phi, g, theta, inner_lr, lam, cfg.inner_clip)
-    phi = {k: v.detach() for k, v in phi.items()}
+    phi = proximal_solve(model, theta, xs, ys, loss_fn, cfg, inner_steps, inner_lr)
     gq = grad(query_loss)(phi)
     curvature = curvature_product(model, loss_fn, cfg.curvature)
 
@@ -309,14 +364,7 @@ def imaml_meta_gradient(theta, batch: Episode, model, loss_fn, cfg: MAMLConfig, 
     def task_loss(p, x, y):  # support or query loss of one task
         return loss_fn(model.forward(p, x, 0)[0], y)
 
-    def solve(x, y):
-        phi = dict(theta)
-        for _ in range(inner_steps):
-            g = grad(task_loss)(phi, x, y)
-            phi = proximal_step(phi, g, theta, inner_lr, lam, cfg.inner_clip)
-        return phi
-
-    phis = {k: v.detach() for k, v in vmap(solve)(xs, ys).items()}
+    phis = batched_proximal_solve(model, theta, xs, ys, loss_fn, cfg, inner_steps, inner_lr)
     gq = vmap(grad(task_loss))(phis, xq, yq)
 
     curvature = curvature_product(model, loss_fn, cfg.curvature)
@@ -335,12 +383,7 @@ def imaml_meta_gradient(theta, batch: Episode, model, loss_fn, cfg: MAMLConfig, 
 
 def imaml_adapt(model, theta, xs, ys, loss_fn, cfg: MAMLConfig, inner_steps, inner_lr):
     """The proximal inner solve alone (evaluation)."""
-    theta = {k: v.detach() for k, v in theta.items()}
-    phi = dict(theta)
-    for _ in range(inner_steps):
-        g = grad(lambda p: loss_fn(model.forward(p, xs, 0)[0], ys))(phi)
-        phi = proximal_step(phi, g, theta, inner_lr, cfg.lam, cfg.inner_clip)
-    return phi
+    return proximal_solve(model, theta, xs, ys, loss_fn, cfg, inner_steps, inner_lr)
 
 
 def accuracy(out: Tensor, y: Tensor) -> Tensor:

@@ -20,8 +20,8 @@ from torch import nn
 from torch.func import grad
 
 from .data import FewShotClasses, Sinusoid, load_omniglot, vinyals_split
-from .maml import (CURVATURES, MAMLConfig, accuracy, adapt, imaml_adapt, imaml_meta_gradient, init_meta, mean_ci95,
-                   meta_gradient, msl_weights)
+from .maml import (CURVATURES, INNER_SOLVERS, MAMLConfig, accuracy, adapt, imaml_adapt, imaml_meta_gradient,
+                   init_meta, mean_ci95, meta_gradient, msl_weights)
 from .models import conv4, sine_mlp
 
 ALGORITHMS = ("maml", "fomaml", "mamlpp", "imaml", "joint")
@@ -64,6 +64,8 @@ class FewShotConfig:
     cg_steps: int = 5
     inner_clip: float = 0.0  # iMAML: clip the inner loss gradient's global norm (0: off)
     curvature: str = "hessian"  # iMAML: "hessian" or "gauss-newton" in the CG system
+    inner_solver: str = "gd"  # iMAML's proximal inner solve: "gd" or "gauss-newton" (Hessian-free)
+    inner_cg_steps: int = 10  # iMAML, gauss-newton inner solver: CG steps per inner step
 
     def validate(self):
         if self.algorithm not in ALGORITHMS:
@@ -76,7 +78,9 @@ class FewShotConfig:
             raise ValueError("the joint baseline is defined for the sinusoid benchmark")
         if self.curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
-        for k in ("shots", "inner_steps", "meta_batch", "steps", "ways"):
+        if self.inner_solver not in INNER_SOLVERS:
+            raise ValueError(f"inner_solver must be one of {INNER_SOLVERS}, got {self.inner_solver!r}")
+        for k in ("shots", "inner_steps", "meta_batch", "steps", "ways", "inner_cg_steps"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
         for k in ("queries", "eval_queries", "hours"):
@@ -101,7 +105,8 @@ class FewShotTrainer:
                                first_order=cfg.algorithm == "fomaml", multi_step_loss=pp and cfg.msl,
                                msl_epochs=cfg.msl_epochs, learn_inner_lr=pp and cfg.lslr,
                                lam=cfg.lam, cg_steps=cfg.cg_steps, inner_clip=cfg.inner_clip,
-                               curvature=cfg.curvature)
+                               curvature=cfg.curvature, inner_solver=cfg.inner_solver,
+                               inner_cg_steps=cfg.inner_cg_steps)
         if cfg.dataset == "sinusoid":
             q = cfg.queries or 10
             self.train_data = Sinusoid(cfg.shots, q, seed=cfg.seed)
