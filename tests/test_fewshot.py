@@ -444,6 +444,10 @@ def test_fewshot_time_budget_stops_and_survives_resume(tmp_path):
     assert old.step == 1 and old.seconds == pytest.approx(tr.seconds, rel=1e-6)
     with pytest.raises(ValueError, match="hours"):
         FewShotTrainer(cfg(hours=-1.0), str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="inner_solver"):
+        FewShotTrainer(cfg(inner_solver="newton"), str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="inner_clip"):
+        FewShotTrainer(cfg(inner_solver="gauss-newton", inner_clip=1.0), str(tmp_path / "bad"))
 
 
 def test_median_and_worst_count_a_diverged_task_as_the_worst():

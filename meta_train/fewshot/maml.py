@@ -41,7 +41,7 @@ class MAMLConfig:
     # iMAML
     lam: float = 2.0
     cg_steps: int = 5
-    inner_clip: float = 0.0  # > 0: clip the global norm of the inner loss gradient (iMAML solver)
+    inner_clip: float = 0.0  # > 0: clip the global norm of the inner loss gradient (iMAML "gd" solver)
     # curvature in (I + H/lam): "hessian" (the paper's) or "gauss-newton" (J^T H_loss J, positive
     # semi-definite, so CG never meets negative curvature; exact for models linear in params)
     curvature: str = "hessian"
@@ -285,9 +285,6 @@ def imaml_task_gradient(theta: Dict[str, Tensor], episode: Episode, model: Funct
     xs, ys, xq, yq = episode
     lam = cfg.lam
     theta = {k: v.detach() for k, v in theta.items()}
-
-    def support_loss(p):
-        return loss_fn(model.forward(p, xs, 0)[0], ys)
 
     def query_loss(p):
         return loss_fn(model.forward(p, xq, 0)[0], yq)

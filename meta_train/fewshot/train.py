@@ -80,6 +80,9 @@ class FewShotConfig:
             raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
         if self.inner_solver not in INNER_SOLVERS:
             raise ValueError(f"inner_solver must be one of {INNER_SOLVERS}, got {self.inner_solver!r}")
+        if self.inner_clip > 0 and self.inner_solver != "gd":
+            raise ValueError("inner_clip clips the gradient steps of the 'gd' inner solver; the Gauss-Newton "
+                             "solver takes none")
         for k in ("shots", "inner_steps", "meta_batch", "steps", "ways", "inner_cg_steps"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
