@@ -15,7 +15,6 @@ Writes benchmarks/results/update_scale_probe.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -25,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
+from common import write_result  # noqa: E402
 from compare import TASKS, full_loss, make_optimizer  # noqa: E402
 
 
@@ -72,11 +72,7 @@ def main(argv=None):
             r["last_over_first_update_rms"] = last / first
             print(f"{task:20s} {name:40s} final train loss {r['final_train_loss']:.4g}  "
                   f"update rms {first:.2e} -> {last:.2e} (x{last / first:.3f})", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"benchmark": "update_scale_probe", "results": result,
-                   "command": "python benchmarks/update_scale_probe.py " + " ".join(argv or sys.argv[1:])}, f, indent=2)
-    print("wrote", args.out)
+    write_result(args.out, "update_scale_probe.py", argv, {"benchmark": "update_scale_probe", "results": result})
 
 
 if __name__ == "__main__":
