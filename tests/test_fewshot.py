@@ -504,3 +504,22 @@ def test_running_statistics_evaluation_adapts_as_trained(tmp_path):
                 assert torch.equal(c[2], tr.running[cfg.inner_steps])
             else:
                 assert c[2] is None
+
+
+def test_outer_cosine_anneals_any_algorithm_and_is_off_by_default(tmp_path):
+    from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
+
+    def lrs(**kw):
+        cfg = FewShotConfig(algorithm="imaml", dataset="sinusoid", shots=5, inner_steps=1, meta_batch=2, steps=4,
+                            outer_lr=1e-2, min_outer_lr=1e-4, checkpoint_every=1000, **kw)
+        tr = FewShotTrainer(cfg, str(tmp_path / str(kw)))
+        out = []
+        for _ in range(4):
+            out.append(tr.opt.param_groups[0]["lr"])
+            tr.outer_step()
+        return out
+
+    assert lrs() == [1e-2] * 4  # iMAML keeps its outer learning rate unless asked
+    got = lrs(outer_cosine=True)
+    want = [1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)]
+    assert got == pytest.approx(want, rel=1e-9)

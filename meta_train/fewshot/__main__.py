@@ -43,6 +43,9 @@ def _add_config(p: argparse.ArgumentParser):
                    help="MAML++: after --msl-epochs, only the last inner step's query loss counts and the "
                         "intermediate query passes are skipped (as the MAML++ authors' code does; without it "
                         "the earlier steps keep their floor weight)")
+    p.add_argument("--outer-cosine", action="store_true",
+                   help="any algorithm: anneal the outer learning rate on a cosine from --outer-lr to "
+                        "--min-outer-lr over --steps (MAML++ does by default)")
     p.add_argument("--threads", type=int, default=0)
 
 

@@ -58,6 +58,9 @@ class FewShotConfig:
     bn_per_step: bool = True  # per-step batch-norm weights and running statistics
     derivative_annealing_epochs: int = -1  # first-order epochs; -1: a third of the budget
     cosine_lr: bool = True
+    # any algorithm: anneal the outer learning rate from outer_lr to min_outer_lr on a cosine
+    # over `steps` (MAML++ does so already through cosine_lr)
+    outer_cosine: bool = False
     min_outer_lr: float = 1e-5
     # iMAML
     lam: float = 2.0
@@ -129,7 +132,7 @@ class FewShotTrainer:
         self.meta = {g: {k: v.clone().requires_grad_() for k, v in d.items()} for g, d in meta.items()}
         self.opt = torch.optim.Adam([v for d in self.meta.values() for v in d.values()], lr=cfg.outer_lr)
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=cfg.steps, eta_min=cfg.min_outer_lr)
-                      if pp and cfg.cosine_lr else None)
+                      if (pp and cfg.cosine_lr) or cfg.outer_cosine else None)
         self.running: Optional[torch.Tensor] = None  # (S+1, layers, 2, C) per-step BN statistics
         self.use_running_stats = False  # evaluate with them (see evaluate)
         self.step = 0
