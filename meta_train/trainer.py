@@ -29,6 +29,7 @@ from torch import Tensor
 
 from learned_opt import ArchConfig, MetaNetwork, load_weights, save_weights
 
+from .atomic import atomic_torch_save
 from .estimators import PESAccumulator, antithetic_estimate
 from .outer import OuterOptimizer
 from .population import Group, UnrollSettings
@@ -101,12 +102,6 @@ def _read_checkpoint(path: Path) -> Dict[str, Any]:
     if obj.get("version") != CHECKPOINT_VERSION:
         raise RuntimeError(f"{path}: checkpoint version {obj.get('version')} is not supported")
     return obj
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 class MetaTrainer:
@@ -308,7 +303,7 @@ class MetaTrainer:
         }
         if self.world > 1 and self._ckpt_path().exists():
             os.replace(self._ckpt_path(), self._prev_path())
-        _atomic_save(obj, self._ckpt_path())
+        atomic_torch_save(obj, self._ckpt_path())
         self._write_weights()
 
     def _write_weights(self) -> None:

@@ -16,6 +16,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_torch_save
 from ..tasks.base import generator
 
 
@@ -161,9 +162,7 @@ def load_omniglot(root: str, size: int = 28, cache_dir: Optional[str] = None) ->
             chars.append(torch.stack([255 - _decode(kind, src, k, size) for k in keys]))
     data = torch.stack(chars)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = cache + ".tmp"
-    torch.save(data, tmp)
-    os.replace(tmp, cache)
+    atomic_torch_save(data, cache)
     return data
 
 

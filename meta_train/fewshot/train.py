@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import grad
 
+from ..atomic import atomic_torch_save
 from .data import FewShotClasses, Sinusoid, load_omniglot, vinyals_split
 from .maml import (CURVATURES, INNER_SOLVERS, MAMLConfig, accuracy, adapt, imaml_adapt, imaml_meta_gradient,
                    init_meta, mean_ci95, meta_gradient, msl_weights)
@@ -252,10 +253,7 @@ class FewShotTrainer:
 
     def save(self):
         os.makedirs(self.out, exist_ok=True)
-        path = os.path.join(self.out, "checkpoint.pt")
-        tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(self.state_dict(), os.path.join(self.out, "checkpoint.pt"))
 
     def load(self):
         path = os.path.join(self.out, "checkpoint.pt")
