@@ -35,7 +35,7 @@ from torch import Tensor
 from . import native
 from .config import ArchConfig
 from .fast import _column_square_sums, combine_rows
-from .functional import (LOptState, TensorState, clip_amount, compute_dtype, element_columns,
+from .functional import (LOptState, TensorState, clip_amount, column_scale, compute_dtype, element_columns,
                          lstm_cell, lstm_statistics, tensor_constants, train_loss_statistics,
                          update_clipper, validation_feature)
 
@@ -105,7 +105,7 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
         V.append(v)
     raw = torch.stack(raws, dim=1)  # (M, T, 8)
     n_t = torch.tensor(numels, dtype=dt, device=dev)
-    scale = torch.rsqrt(cfg.norm_eps + torch.stack(sqs, dim=1) / n_t[:, None])  # (M, T, E)
+    scale = column_scale(torch.stack(sqs, dim=1) / n_t[:, None], cfg)  # (M, T, E)
     glob = update_clipper(glob, raw[..., 7] / n_t.to(raw.dtype), cfg)
 
     # the per-tensor LSTM, all members and tensors together

@@ -49,6 +49,13 @@ class ArchConfig:
     # floor, and the MLP sees m/sqrt(v) only after per-tensor normalisation, so without these
     # neither part of the network can tell a noisy gradient from a clean one.
     snr_stats: bool = False
+    # The D m/sqrt(v) MLP columns enter unscaled. Every other column is divided by its RMS over
+    # the tensor, which keeps the MLP's inputs at a common scale whatever the gradient's size;
+    # these columns are already free of that scale and lie in [-1, 1] (|m| <= sqrt(v) for two
+    # averages with the same decay). Scaling them too hides how far each element's averaged
+    # gradient stands above its noise: on a noise floor they shrink towards 0 unscaled, as
+    # Adam's m/sqrt(v) does, but come out with RMS 1 scaled. Same weights, a different network.
+    absolute_snr: bool = False
 
     @property
     def n_decays(self) -> int:
@@ -78,6 +85,11 @@ class ArchConfig:
     @property
     def lstm_in(self) -> int:
         return self.n_lstm_stats + self.from_mlp + self.from_lstm
+
+    @property
+    def snr_column_range(self) -> Tuple[int, int]:
+        """The [start, stop) indices of the m/sqrt(v) columns among the element columns."""
+        return N_ELEMENT_BASE + 2 * self.n_decays, N_ELEMENT_BASE + 3 * self.n_decays
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import native
 from .config import ArchConfig
-from .functional import element_columns
+from .functional import column_scale, element_columns
 
 DEFAULT_CHUNK = 1 << 14
 # On a GPU the step is bound by kernel launches, not by memory traffic, so it takes fewer,
@@ -241,7 +241,7 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     idx = torch.cat(ids)
     raw = combine_rows(torch.cat(rows), idx, n64, D)
     sq = torch.zeros(T, cfg.n_element_cols, dtype=dt, device=dev).index_add(0, idx, torch.cat(sqs))
-    scale = torch.rsqrt(cfg.norm_eps + sq / n.unsqueeze(-1))
+    scale = column_scale(sq / n.unsqueeze(-1), cfg)
     work = _Work(P, G, M, V, pack, amount, [x.shape for x in params], n, plan, scale, inplace,
                  (list(params), list(mom), list(rms)), frozenset(native_t))
     return work, raw

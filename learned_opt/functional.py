@@ -272,6 +272,19 @@ def tensor_constants(step: Tensor, n_tensors: int, ss_p: Tensor, numels: Sequenc
     return torch.cat([sin, count, log_norm, log_n, to_mlp], dim=-1)
 
 
+def column_scale(mean_sq: Tensor, cfg: ArchConfig) -> Tensor:
+    """The per-tensor factors of the MLP's element columns, from each column's mean square over
+    the tensor (..., E): rsqrt(norm_eps + mean_sq), and 1 for the m/sqrt(v) columns with
+    ``cfg.absolute_snr``."""
+    scale = torch.rsqrt(cfg.norm_eps + mean_sq)
+    if cfg.absolute_snr:
+        a, b = cfg.snr_column_range
+        keep = torch.ones(scale.shape[-1], dtype=torch.bool, device=scale.device)
+        keep[a:b] = False
+        scale = torch.where(keep, scale, torch.ones((), dtype=scale.dtype, device=scale.device))
+    return scale
+
+
 def element_columns(g: Tensor, p: Tensor, m: Tensor, v: Tensor, cfg: ArchConfig) -> Tensor:
     """The 23 per-element MLP columns for flat g, p (n,) and m, v (n, D), before scaling:
     g, p, log(|p| + 1e-8), m x D, v x D, m/sqrt(v + eps) x D, 1/sqrt(v + eps) x D."""

@@ -129,6 +129,16 @@ class MetaNetwork(nn.Module):
             b[:2] = 0.0
         return net
 
+    def with_absolute_snr(self) -> "MetaNetwork":
+        """This network's weights on the architecture with unscaled m/sqrt(v) columns
+        (``ArchConfig.absolute_snr``): the same shapes, so the same weights, but not the same
+        updates. A starting point for meta-training. Returns ``self`` if it is one already."""
+        if self.config.absolute_snr:
+            return self
+        net = MetaNetwork(dataclasses.replace(self.config, absolute_snr=True))
+        net.load_state_dict(self.state_dict())
+        return net
+
     def with_snr_stats(self) -> "MetaNetwork":
         """This network with the two signal-to-noise LSTM inputs (``ArchConfig.snr_stats``)
         added at zero weight: the new network computes exactly the same updates, and

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .config import ArchConfig
-from .functional import element_columns
+from .functional import column_scale, element_columns
 
 
 class _Work(NamedTuple):
@@ -75,7 +75,7 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
     for j, (p, g, m, v) in enumerate(zip(work.params, work.grads, work.mom, work.rms)):
         D = cfg.n_decays
         cols = element_columns(g.reshape(-1), p.reshape(-1), m.reshape(-1, D), v.reshape(-1, D), cfg)
-        cols = cols * torch.rsqrt(cfg.norm_eps + (cols * cols).mean(dim=0, keepdim=True))
+        cols = cols * column_scale((cols * cols).mean(dim=0, keepdim=True), cfg)
         feats = torch.cat([cols, consts[j].expand(cols.shape[0], -1)], dim=-1)
         out = mlp(w, feats, cfg)
         d, mag = out[:, 0], out[:, 1]

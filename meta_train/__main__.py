@@ -25,6 +25,9 @@ def _add_train_args(ap):
     ap.add_argument("--snr-stats", action="store_true",
                     help="train the architecture with the two signal-to-noise LSTM inputs; starting "
                          "weights without them get them at zero weight (the same updates at first)")
+    ap.add_argument("--absolute-snr", action="store_true",
+                    help="train the architecture whose MLP sees m/sqrt(v) unscaled (ArchConfig.absolute_snr); "
+                         "starting weights keep their values")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--unroll", type=int, default=u.unroll, help="inner steps per truncation")

@@ -52,6 +52,7 @@ class MetaTrainConfig:
     steps: int = 200  # outer steps
     init: str = "adam-like-init-v0"  # starting weights: a name, a path, or "random"
     snr_stats: bool = False  # the architecture with the signal-to-noise LSTM inputs (ArchConfig)
+    absolute_snr: bool = False  # the architecture with unscaled m/sqrt(v) MLP columns (ArchConfig)
     seed: int = 0
     checkpoint_every: int = 10
     unroll: UnrollSettings = dataclasses.field(default_factory=UnrollSettings)
@@ -80,17 +81,23 @@ class MetaTrainConfig:
             raise ValueError("min_horizon must be <= max_horizon")
 
 
-def initial_theta(init: str, snr_stats: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
+def initial_theta(init: str, snr_stats: bool = False,
+                  absolute_snr: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
     """The starting weights and their architecture. With ``snr_stats``, weights without the
-    signal-to-noise inputs get them at zero weight (the same updates as the weights given)."""
+    signal-to-noise inputs get them at zero weight (the same updates as the weights given); with
+    ``absolute_snr``, the weights move to the architecture with unscaled m/sqrt(v) columns."""
     if init == "random":
-        net = MetaNetwork.random(ArchConfig(snr_stats=snr_stats))
+        net = MetaNetwork.random(ArchConfig(snr_stats=snr_stats, absolute_snr=absolute_snr))
     else:
         net = load_weights(init)[0]
         if snr_stats:
             net = net.with_snr_stats()
         elif net.config.snr_stats:
             raise ValueError(f"the starting weights {init!r} have the signal-to-noise inputs: pass --snr-stats")
+        if absolute_snr:
+            net = net.with_absolute_snr()
+        elif net.config.absolute_snr:
+            raise ValueError(f"the starting weights {init!r} take unscaled m/sqrt(v) columns: pass --absolute-snr")
     return {k: v.detach().clone() for k, v in net.weights().items()}, net.config
 
 
@@ -114,7 +121,7 @@ class MetaTrainer:
         self.rank, self.world = rank, world
         self.progress = progress and rank == 0
         self.family = get_family(config.family, config.scale_augment)
-        self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats)
+        self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats, config.absolute_snr)
         self.names = list(self.theta)
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]

@@ -16,7 +16,8 @@ dtypes = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.fl
 MAX_EXP = {torch.float16: 4, torch.bfloat16: 8, torch.float32: 8, torch.float64: 8}
 
 _NETS = {"default": None, "random": random_weights(seed=7),
-         "random-snr": random_weights(seed=8, config=ArchConfig(snr_stats=True))}
+         "random-snr": random_weights(seed=8, config=ArchConfig(snr_stats=True)),
+         "random-abs-snr": random_weights(seed=9, config=ArchConfig(absolute_snr=True))}
 
 
 def _state_tensors(opt):

@@ -143,3 +143,96 @@ def test_meta_training_with_the_inputs(tmp_path):
     with pytest.raises(ValueError, match="snr-stats"):
         MetaTrainer(MetaTrainConfig(init=str(tmp_path / "weights.safetensors")), tmp_path / "other", progress=False)
     assert math.isfinite(float(net.lstm_w.detach().sum()))
+
+
+# ------------------------------------------------------------ unscaled m/sqrt(v) columns
+
+ABS = ArchConfig(absolute_snr=True)
+
+
+def test_column_scale_leaves_only_the_snr_columns_unscaled():
+    from learned_opt.functional import column_scale
+    mean_sq = torch.rand(3, ABS.n_element_cols, dtype=torch.float64) * 4 + 0.01
+    a, b = ABS.snr_column_range
+    assert (a, b) == (3 + 2 * ABS.n_decays, 3 + 3 * ABS.n_decays)
+    scaled = torch.rsqrt(ABS.norm_eps + mean_sq)
+    torch.testing.assert_close(column_scale(mean_sq, ArchConfig()), scaled)
+    got = column_scale(mean_sq, ABS)
+    assert torch.equal(got[:, a:b], torch.ones(3, b - a, dtype=torch.float64))
+    assert torch.equal(got[:, :a], scaled[:, :a]) and torch.equal(got[:, b:], scaled[:, b:])
+
+
+def test_m_over_sqrt_v_is_bounded_so_it_can_go_unscaled():
+    # the premise of the flag: |m| <= sqrt(v) element by element, for any gradient sequence
+    gen = torch.Generator().manual_seed(4)
+    w = {k: v.detach().double() for k, v in load_weights("adam-like-init-v0")[0].weights().items()}
+    p = [torch.zeros(300, dtype=torch.float64)]
+    st = init_state(w, p, ArchConfig())
+    for t in range(50):
+        g = torch.randn(300, generator=gen, dtype=torch.float64) * torch.exp(torch.randn(300, generator=gen) * 3)
+        p, st = lopt_step(w, p, [g], st, lr=0.0)
+        m, v = st.tensors[0].mom, st.tensors[0].rms
+        assert bool((m.abs() <= torch.sqrt(v) * (1 + 1e-12)).all())
+
+
+def test_absolute_snr_network_keeps_weights_and_changes_updates(tmp_path):
+    net = load_weights()[0]
+    ab = net.with_absolute_snr()
+    assert ab.config == ABS and ab.with_absolute_snr() is ab
+    for k, v in net.weights().items():
+        assert torch.equal(ab.weights()[k], v)
+    a = _run({k: v.detach().double() for k, v in net.weights().items()}, net.config)
+    b = _run({k: v.detach().double() for k, v in ab.weights().items()}, ab.config)
+    assert any(not torch.allclose(x, y) for x, y in zip(a, b))
+    save_weights(ab, tmp_path / "w.safetensors", "abs-test")
+    back, info = load_weights(tmp_path / "w.safetensors")
+    assert info.config.absolute_snr and back.config == ABS
+
+
+@pytest.mark.parametrize("chunk", [None, 29])
+def test_absolute_snr_fast_equals_reference(chunk):
+    from helpers import MixedRanks, make, random_weights, train
+    net = random_weights(seed=5, config=ArchConfig(absolute_snr=True, snr_stats=True))
+    out = {}
+    for impl in ("fast", "reference"):
+        model = MixedRanks(torch.float64)
+        opt = make(model, impl=impl, chunk_size=chunk, weights=net)
+        train(model, opt, 30, dtype=torch.float64)
+        out[impl] = [p.detach().clone() for p in model.parameters()]
+    start = [p.detach() for p in MixedRanks(torch.float64).parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(out["fast"], start)) > 1e-3
+    for x, y in zip(out["fast"], out["reference"]):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11)
+
+
+def test_population_step_with_absolute_snr_matches_lopt_step():
+    gen = torch.Generator().manual_seed(6)
+    base = load_weights()[0].with_absolute_snr().weights()
+    M = 2
+    ws = [{k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).double() for k, v in base.items()}
+          for _ in range(M)]
+    shapes = [(7, 3), (3,)]
+    ps = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(M)]
+    ss = [init_state(ws[i], ps[i], ABS) for i in range(M)]
+    stack = lambda xs: torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *xs)  # noqa: E731
+    W, P, S = stack(ws), stack(ps), stack(ss)
+    for t in range(4):
+        G = [torch.randn(M, *s, generator=gen, dtype=torch.float64) * 10.0 ** (-t) for s in shapes]
+        with torch.no_grad():
+            P, S = population_step(W, P, G, S, loss=None, lr=1e-2, cfg=ABS)
+        for i in range(M):
+            ps[i], ss[i] = lopt_step(ws[i], ps[i], [g[i] for g in G], ss[i], lr=1e-2, cfg=ABS)
+    for i in range(M):
+        for a, b in zip(ps[i], P):
+            torch.testing.assert_close(b[i], a, rtol=1e-11, atol=1e-13)
+
+
+def test_meta_training_starts_from_weights_on_the_absolute_snr_architecture(tmp_path):
+    from meta_train.trainer import initial_theta
+    theta, cfg = initial_theta("rnn-mlp-pes-mix-v1", absolute_snr=True)
+    assert cfg.absolute_snr and not cfg.snr_stats
+    start = load_weights("rnn-mlp-pes-mix-v1")[0].weights()
+    assert all(torch.equal(theta[k], v) for k, v in start.items())
+    save_weights(load_weights("rnn-mlp-pes-mix-v1")[0].with_absolute_snr(), tmp_path / "a.safetensors", "a")
+    with pytest.raises(ValueError, match="absolute-snr"):
+        initial_theta(str(tmp_path / "a.safetensors"))
