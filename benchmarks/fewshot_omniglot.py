@@ -78,6 +78,17 @@ RUNS = {
     "5w1s-imaml-2h-cos": IMAML_2H + ["--steps", "2800", "--outer-cosine"],
     # ... made it worse (its loss fell more slowly late in the run), so: a larger constant rate.
     "5w1s-imaml-2h-lr2e-3": IMAML_2H + ["--outer-lr", "2e-3"],
+    # Five gradient steps at inner lr 0.1 with lam 2 shrink the distance to the proximal solution
+    # by only 0.8 a step (1 - lr * lam), so the solve stops a third short of the point the
+    # implicit gradient assumes, and adapts less than MAML's five steps (0.34 g against 0.5 g for a
+    # support gradient g). At inner lr 0.2 it shrinks by 0.6 a step (92% of the way in five) and
+    # moves 0.46 g; at lam 1 and inner lr 0.2 it moves 0.67 g, but converges no better than before.
+    "5w1s-imaml-2h-ilr0.2": IMAML_2H + ["--inner-lr", "0.2"],
+    "5w1s-imaml-2h-lam1-ilr0.2": IMAML_2H + ["--inner-lr", "0.2", "--lam", "1"],
+    # Over their first 400 steps the first trailed the lam-2 run (query loss 0.81 against 0.52 at
+    # steps 400-460; stopped there) and the second led it (0.46): a smaller lam helps, a larger
+    # inner step does not. So lam 0.5 at the original inner lr 0.1.
+    "5w1s-imaml-2h-lam0.5": IMAML_2H + ["--lam", "0.5"],
     # 20-way in two CPU hours: 5 query images per class in training, the multi-step loss for its
     # 100 annealing steps only; looping over tasks (6.9 CPU s a second-order step against 9.5 s
     # vectorised, and less memory; first order 3.9 s vectorised): about 1,200 steps in the budget.
