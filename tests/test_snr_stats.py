@@ -104,26 +104,28 @@ def test_weights_file_carries_the_architecture(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_population_step_uses_the_inputs_like_lopt_step():
-    gen = torch.Generator().manual_seed(2)
-    base = load_weights()[0].with_snr_stats().weights()
-    M = 3
+def _population_matches_lopt_step(base, cfg, shapes, M, seed):
+    """``population_step`` on M perturbed copies of ``base`` equals ``lopt_step`` on each."""
+    gen = torch.Generator().manual_seed(seed)
     ws = [{k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).double() for k, v in base.items()}
           for _ in range(M)]
-    shapes = [(6, 4), (4,)]
     ps = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(M)]
-    ss = [init_state(ws[i], ps[i], SNR) for i in range(M)]
+    ss = [init_state(ws[i], ps[i], cfg) for i in range(M)]
     stack = lambda xs: torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *xs)  # noqa: E731
     W, P, S = stack(ws), stack(ps), stack(ss)
     for t in range(4):
         G = [torch.randn(M, *s, generator=gen, dtype=torch.float64) * 10.0 ** (-t) for s in shapes]
         with torch.no_grad():
-            P, S = population_step(W, P, G, S, loss=None, lr=1e-2, cfg=SNR)
+            P, S = population_step(W, P, G, S, loss=None, lr=1e-2, cfg=cfg)
         for i in range(M):
-            ps[i], ss[i] = lopt_step(ws[i], ps[i], [g[i] for g in G], ss[i], lr=1e-2, cfg=SNR)
+            ps[i], ss[i] = lopt_step(ws[i], ps[i], [g[i] for g in G], ss[i], lr=1e-2, cfg=cfg)
     for i in range(M):
         for a, b in zip(ps[i], P):
             torch.testing.assert_close(b[i], a, rtol=1e-11, atol=1e-13)
+
+
+def test_population_step_uses_the_inputs_like_lopt_step():
+    _population_matches_lopt_step(load_weights()[0].with_snr_stats().weights(), SNR, [(6, 4), (4,)], M=3, seed=2)
 
 
 def test_meta_training_with_the_inputs(tmp_path):
@@ -206,25 +208,7 @@ def test_absolute_snr_fast_equals_reference(chunk):
 
 
 def test_population_step_with_absolute_snr_matches_lopt_step():
-    gen = torch.Generator().manual_seed(6)
-    base = load_weights()[0].with_absolute_snr().weights()
-    M = 2
-    ws = [{k: (v.detach() + 0.05 * torch.randn(v.shape, generator=gen)).double() for k, v in base.items()}
-          for _ in range(M)]
-    shapes = [(7, 3), (3,)]
-    ps = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(M)]
-    ss = [init_state(ws[i], ps[i], ABS) for i in range(M)]
-    stack = lambda xs: torch.utils._pytree.tree_map(lambda *t: torch.stack(t), *xs)  # noqa: E731
-    W, P, S = stack(ws), stack(ps), stack(ss)
-    for t in range(4):
-        G = [torch.randn(M, *s, generator=gen, dtype=torch.float64) * 10.0 ** (-t) for s in shapes]
-        with torch.no_grad():
-            P, S = population_step(W, P, G, S, loss=None, lr=1e-2, cfg=ABS)
-        for i in range(M):
-            ps[i], ss[i] = lopt_step(ws[i], ps[i], [g[i] for g in G], ss[i], lr=1e-2, cfg=ABS)
-    for i in range(M):
-        for a, b in zip(ps[i], P):
-            torch.testing.assert_close(b[i], a, rtol=1e-11, atol=1e-13)
+    _population_matches_lopt_step(load_weights()[0].with_absolute_snr().weights(), ABS, [(7, 3), (3,)], M=2, seed=6)
 
 
 def test_meta_training_starts_from_weights_on_the_absolute_snr_architecture(tmp_path):
