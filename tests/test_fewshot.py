@@ -523,3 +523,12 @@ def test_outer_cosine_anneals_any_algorithm_and_is_off_by_default(tmp_path):
     got = lrs(outer_cosine=True)
     want = [1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)]
     assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_fewshot_progress_shows_the_cpu_budget(tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
+    cfg = FewShotConfig(algorithm="maml", dataset="sinusoid", shots=5, inner_steps=1, meta_batch=2, steps=3,
+                        checkpoint_every=1000, hours=0.5)
+    FewShotTrainer(cfg, str(tmp_path / "run")).run(progress=True)
+    assert "cpu_h=0.00/0.5" in capsys.readouterr().err

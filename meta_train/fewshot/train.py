@@ -311,9 +311,13 @@ class FewShotTrainer:
                 f.write(json.dumps(rec) + "\n")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{rec['query_loss']:.4f}", metric=f"{rec['metric']:.3f}")
+                # with a CPU-time budget the run usually ends before --steps: show the budget too
+                budget = {"cpu_h": f"{self.seconds / 3600:.2f}/{self.cfg.hours:g}"} if self.cfg.hours > 0 else {}
+                bar.set_postfix(loss=f"{rec['query_loss']:.4f}", metric=f"{rec['metric']:.3f}", **budget)
             elif self.step % 50 == 0:
-                print(f"step {self.step}/{self.cfg.steps} loss {rec['query_loss']:.4f} metric {rec['metric']:.3f}", flush=True)
+                budget = f" cpu_h {self.seconds / 3600:.2f}/{self.cfg.hours:g}" if self.cfg.hours > 0 else ""
+                print(f"step {self.step}/{self.cfg.steps} loss {rec['query_loss']:.4f} metric {rec['metric']:.3f}"
+                      f"{budget}", flush=True)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or self.out_of_time():
                 self.save()
         if bar is not None:
