@@ -279,9 +279,7 @@ def column_scale(mean_sq: Tensor, cfg: ArchConfig) -> Tensor:
     scale = torch.rsqrt(cfg.norm_eps + mean_sq)
     if cfg.absolute_snr:
         a, b = cfg.snr_column_range
-        keep = torch.ones(scale.shape[-1], dtype=torch.bool, device=scale.device)
-        keep[a:b] = False
-        scale = torch.where(keep, scale, torch.ones((), dtype=scale.dtype, device=scale.device))
+        scale = torch.cat([scale[..., :a], torch.ones_like(scale[..., a:b]), scale[..., b:]], dim=-1)
     return scale
 
 

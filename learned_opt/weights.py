@@ -20,12 +20,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
 import torch
 
+from .atomic import atomic_write
 from .config import ArchConfig
 from .network import MetaNetwork, parameter_shapes
 
@@ -99,17 +99,7 @@ def save_weights(net: Union[MetaNetwork, Mapping[str, torch.Tensor]], path: Unio
                 config=config.to_json(), checksum=digest)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return WeightsInfo(name, digest, config, str(path), meta)
 
 

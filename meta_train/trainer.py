@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from learned_opt import ArchConfig, MetaNetwork, load_weights, save_weights
+from learned_opt.atomic import atomic_torch_save
 
-from .atomic import atomic_torch_save
 from .estimators import PESAccumulator, antithetic_estimate
 from .outer import OuterOptimizer
 from .population import Group, UnrollSettings

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from meta_train.atomic import atomic_torch_save
+from learned_opt.atomic import atomic_torch_save
 
 
 def test_concurrent_writers_to_one_file_all_succeed(tmp_path):

@@ -16,7 +16,8 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_torch_save
+from learned_opt.atomic import atomic_torch_save
+
 from ..tasks.base import generator
 
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.func import grad
 
-from ..atomic import atomic_torch_save
+from learned_opt.atomic import atomic_torch_save
+
 from .data import FewShotClasses, Sinusoid, load_omniglot, vinyals_split
 from .maml import (CURVATURES, INNER_SOLVERS, MAMLConfig, accuracy, adapt, imaml_adapt, imaml_meta_gradient,
                    init_meta, mean_ci95, meta_gradient, msl_weights)
@@ -309,15 +310,15 @@ class FewShotTrainer:
             rec = self.outer_step()
             with open(log, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            # with a CPU-time budget the run usually ends before --steps: show the budget too
+            shown = {"loss": f"{rec['query_loss']:.4f}", "metric": f"{rec['metric']:.3f}"}
+            if self.cfg.hours > 0:
+                shown["cpu_h"] = f"{self.seconds / 3600:.2f}/{self.cfg.hours:g}"
             if bar is not None:
                 bar.update(1)
-                # with a CPU-time budget the run usually ends before --steps: show the budget too
-                budget = {"cpu_h": f"{self.seconds / 3600:.2f}/{self.cfg.hours:g}"} if self.cfg.hours > 0 else {}
-                bar.set_postfix(loss=f"{rec['query_loss']:.4f}", metric=f"{rec['metric']:.3f}", **budget)
+                bar.set_postfix(**shown)
             elif self.step % 50 == 0:
-                budget = f" cpu_h {self.seconds / 3600:.2f}/{self.cfg.hours:g}" if self.cfg.hours > 0 else ""
-                print(f"step {self.step}/{self.cfg.steps} loss {rec['query_loss']:.4f} metric {rec['metric']:.3f}"
-                      f"{budget}", flush=True)
+                print(f"step {self.step}/{self.cfg.steps} " + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
             if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or self.out_of_time():
                 self.save()
         if bar is not None:
