@@ -36,7 +36,7 @@ from . import native
 from .config import ArchConfig
 from .fast import _column_square_sums, combine_rows
 from .functional import (LOptState, TensorState, clip_amount, column_scale, compute_dtype, element_columns,
-                         lstm_cell, lstm_statistics, tensor_constants, train_loss_statistics,
+                         fold_first_layer, lstm_cell, lstm_statistics, tensor_constants, train_loss_statistics,
                          update_clipper, validation_feature)
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows (members x elements) per chunk of the MLP pass
@@ -68,7 +68,6 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
     dev = params[0].device
     f64 = torch.float64
     D = cfg.n_decays
-    E = cfg.n_element_cols
     L = cfg.mlp_layers
     w = {k: v.to(dt) for k, v in weights.items()}
 
@@ -123,9 +122,8 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
 
     # pass 2: the per-element MLP and the update, first layer folded per member and tensor
     consts = tensor_constants(state.glob.step, T, raw[..., 6].to(dt), numels, to_mlp)
-    w0 = w["mlp_w0"]
-    bias0 = consts @ w0[:, E:] + w["mlp_b0"].unsqueeze(1)  # (M, T, H)
-    w0s = scale.unsqueeze(-1) * w0[:, None, :E]  # (M, T, E, H)
+    w0s, w0c = fold_first_layer(w["mlp_w0"], scale, cfg)  # (M, T, E, H), (M, C, H)
+    bias0 = consts @ w0c + w["mlp_b0"].unsqueeze(1)  # (M, T, H)
     wl, bl = w[f"mlp_w{L}"], w[f"mlp_b{L}"]
     if kernel is not None:
         per_member = _member_weights(w, amount, cfg)

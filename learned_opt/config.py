@@ -56,6 +56,18 @@ class ArchConfig:
     # gradient stands above its noise: on a noise floor they shrink towards 0 unscaled, as
     # Adam's m/sqrt(v) does, but come out with RMS 1 scaled. Same weights, a different network.
     absolute_snr: bool = False
+    # The D m/sqrt(v) columns enter the MLP twice: scaled among the element columns, as in the
+    # default architecture, and unscaled as D more inputs after the per-tensor constants. The
+    # scaled copy carries the pattern over the tensor that the default weights were trained on;
+    # the unscaled one says how far the averaged gradient stands above its noise. Existing
+    # weights move here with the new inputs at zero weight (``MetaNetwork.with_dual_snr``), which
+    # changes no update, so meta-training can start from weights that already work.
+    dual_snr: bool = False
+
+    def __post_init__(self):
+        if self.absolute_snr and self.dual_snr:
+            raise ValueError("absolute_snr and dual_snr exclude each other (dual_snr already has "
+                             "the unscaled m/sqrt(v) columns, beside the scaled ones)")
 
     @property
     def n_decays(self) -> int:
@@ -71,8 +83,13 @@ class ArchConfig:
         return len(TIMESCALES) + 3 + self.lstm_to_mlp
 
     @property
+    def n_dual_cols(self) -> int:
+        # the unscaled m/sqrt(v) copies of ``dual_snr``, last among the MLP's inputs
+        return self.n_decays if self.dual_snr else 0
+
+    @property
     def mlp_in(self) -> int:
-        return self.n_element_cols + self.n_const_cols
+        return self.n_element_cols + self.n_const_cols + self.n_dual_cols
 
     @property
     def mlp_out(self) -> int:

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import native
 from .config import ArchConfig
-from .functional import column_scale, element_columns
+from .functional import column_scale, element_columns, fold_first_layer
 
 DEFAULT_CHUNK = 1 << 14
 # On a GPU the step is bound by kernel launches, not by memory traffic, so it takes fewer,
@@ -287,8 +287,8 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
     D = cfg.n_decays
 
     w0 = w["mlp_w0"]
-    bias0 = consts @ w0[E:] + w["mlp_b0"]  # (T, H): the constant inputs, folded into a bias
-    w0s = work.scale.unsqueeze(-1) * w0[:E]  # (T, E, H): the column scales, folded into weights
+    w0s, w0c = fold_first_layer(w0, work.scale, cfg)  # (T, E, H): the column scales, folded into weights
+    bias0 = consts @ w0c + w["mlp_b0"]  # (T, H): the constant inputs, folded into a bias
     wl, bl = w[f"mlp_w{L}"], w[f"mlp_b{L}"]
     # the two per-element outputs as two matrix-vector products: a (n, 32) x (32, 2) matmul
     # runs several times slower than two gemv calls on CPU
@@ -329,6 +329,9 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
             h = torch.addmm(bias0[t], cols, w0s[t]).relu_()
         else:
             h = (cols * work.scale.index_select(0, seg)) @ w0[:E]
+            if cfg.dual_snr:  # the unscaled copies of the m/sqrt(v) columns
+                a, b = cfg.snr_column_range
+                h = h.addmm_(cols[:, a:b], w0[E + cfg.n_const_cols:])
             h = h.add_(bias0.index_select(0, seg)).relu_()
         for i in range(1, L):
             h = torch.addmm(w[f"mlp_b{i}"], h, w[f"mlp_w{i}"]).relu_()

@@ -30,7 +30,7 @@ Loss features when losses are missing (our definition; the reference requires a 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -281,6 +281,21 @@ def column_scale(mean_sq: Tensor, cfg: ArchConfig) -> Tensor:
         a, b = cfg.snr_column_range
         scale = torch.cat([scale[..., :a], torch.ones_like(scale[..., a:b]), scale[..., b:]], dim=-1)
     return scale
+
+
+def fold_first_layer(w0: Tensor, scale: Tensor, cfg: ArchConfig) -> Tuple[Tensor, Tensor]:
+    """The MLP's first weight matrix ``w0`` (..., mlp_in, H) arranged for the fast paths, which
+    multiply the unscaled element columns by per-tensor weights: returns the element-column rows
+    with the column factors ``scale`` (..., T, E) folded in, (..., T, E, H), and the rows that
+    take the per-tensor constants, (..., C, H). With ``cfg.dual_snr`` the rows of the unscaled
+    m/sqrt(v) inputs are added to the scaled copies' rows: one column, two weights."""
+    E, C = cfg.n_element_cols, cfg.n_const_cols
+    w0s = scale.unsqueeze(-1) * w0[..., :E, :].unsqueeze(-3)
+    if cfg.dual_snr:
+        a, b = cfg.snr_column_range
+        extra = w0[..., E + C:, :].unsqueeze(-3)
+        w0s = torch.cat([w0s[..., :a, :], w0s[..., a:b, :] + extra, w0s[..., b:, :]], dim=-2)
+    return w0s, w0[..., E:E + C, :]
 
 
 def element_columns(g: Tensor, p: Tensor, m: Tensor, v: Tensor, cfg: ArchConfig) -> Tensor:

@@ -12,6 +12,9 @@ Matrices are stored as ``(fan_in, fan_out)`` so the per-element hot path is ``x 
     to_shared_w (H, 18), to_shared_b          LSTM -> shared message (averaged over tensors)
     init_from_mlp (16,), init_from_lstm (18,) messages used before the first step
     mlp_w0 (54, 32) mlp_b0, mlp_w1 (32, 32) mlp_b1, mlp_w2 (32, 18) mlp_b2   the per-parameter MLP
+
+``ArchConfig.snr_stats`` adds 2 rows to ``lstm_w`` (after the 18 statistics); ``ArchConfig.dual_snr``
+adds 5 rows at the end of ``mlp_w0`` (59 in all).
 """
 
 from __future__ import annotations
@@ -137,6 +140,23 @@ class MetaNetwork(nn.Module):
             return self
         net = MetaNetwork(dataclasses.replace(self.config, absolute_snr=True))
         net.load_state_dict(self.state_dict())
+        return net
+
+    def with_dual_snr(self) -> "MetaNetwork":
+        """This network with the unscaled m/sqrt(v) MLP inputs (``ArchConfig.dual_snr``) added at
+        zero weight: exactly the same updates, and meta-training can then learn to use them.
+        Returns ``self`` if it has them."""
+        if self.config.dual_snr:
+            return self
+        if self.config.absolute_snr:
+            raise ValueError("weights on the absolute_snr architecture cannot take dual_snr inputs")
+        cfg = dataclasses.replace(self.config, dual_snr=True)
+        net = MetaNetwork(cfg)
+        at = self.config.mlp_in  # the new inputs follow all the old ones
+        with torch.no_grad():  # the new network starts all zeros: copy all but the new rows
+            for name, p in self.named_parameters():
+                q = getattr(net, name)
+                (q[:at] if name == "mlp_w0" else q).copy_(p)
         return net
 
     def with_snr_stats(self) -> "MetaNetwork":

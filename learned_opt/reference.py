@@ -74,9 +74,13 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
     new_params, messages = [], []
     for j, (p, g, m, v) in enumerate(zip(work.params, work.grads, work.mom, work.rms)):
         D = cfg.n_decays
-        cols = element_columns(g.reshape(-1), p.reshape(-1), m.reshape(-1, D), v.reshape(-1, D), cfg)
-        cols = cols * column_scale((cols * cols).mean(dim=0, keepdim=True), cfg)
-        feats = torch.cat([cols, consts[j].expand(cols.shape[0], -1)], dim=-1)
+        raw = element_columns(g.reshape(-1), p.reshape(-1), m.reshape(-1, D), v.reshape(-1, D), cfg)
+        cols = raw * column_scale((raw * raw).mean(dim=0, keepdim=True), cfg)
+        feats = [cols, consts[j].expand(cols.shape[0], -1)]
+        if cfg.dual_snr:  # the m/sqrt(v) columns once more, unscaled
+            a, b = cfg.snr_column_range
+            feats.append(raw[:, a:b])
+        feats = torch.cat(feats, dim=-1)
         out = mlp(w, feats, cfg)
         d, mag = out[:, 0], out[:, 1]
         step = lrs[j] * d * torch.exp(cfg.magnitude_rate * mag)

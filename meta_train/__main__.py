@@ -28,6 +28,9 @@ def _add_train_args(ap):
     ap.add_argument("--absolute-snr", action="store_true",
                     help="train the architecture whose MLP sees m/sqrt(v) unscaled (ArchConfig.absolute_snr); "
                          "starting weights keep their values")
+    ap.add_argument("--dual-snr", action="store_true",
+                    help="train the architecture whose MLP sees m/sqrt(v) both scaled and unscaled "
+                         "(ArchConfig.dual_snr); starting weights without the unscaled inputs get them at zero weight")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--unroll", type=int, default=u.unroll, help="inner steps per truncation")

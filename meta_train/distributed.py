@@ -27,7 +27,7 @@ def config_from_args(args):
         sigma=args.sigma, pairs=args.pairs, groups=args.groups, outer=args.outer,
         outer_lr=args.outer_lr, steps=args.steps, init=args.init, seed=args.seed,
         checkpoint_every=args.checkpoint_every, snr_stats=args.snr_stats,
-        absolute_snr=args.absolute_snr,
+        absolute_snr=args.absolute_snr, dual_snr=args.dual_snr,
         unroll=UnrollSettings(unroll=args.unroll, min_horizon=args.min_horizon,
                               max_horizon=args.max_horizon, inner_lr=args.inner_lr,
                               meta_loss=args.meta_loss, loss_transform=args.loss_transform,

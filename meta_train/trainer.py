@@ -53,6 +53,7 @@ class MetaTrainConfig:
     init: str = "adam-like-init-v0"  # starting weights: a name, a path, or "random"
     snr_stats: bool = False  # the architecture with the signal-to-noise LSTM inputs (ArchConfig)
     absolute_snr: bool = False  # the architecture with unscaled m/sqrt(v) MLP columns (ArchConfig)
+    dual_snr: bool = False  # the architecture with both scaled and unscaled m/sqrt(v) columns (ArchConfig)
     seed: int = 0
     checkpoint_every: int = 10
     unroll: UnrollSettings = dataclasses.field(default_factory=UnrollSettings)
@@ -81,23 +82,23 @@ class MetaTrainConfig:
             raise ValueError("min_horizon must be <= max_horizon")
 
 
-def initial_theta(init: str, snr_stats: bool = False,
-                  absolute_snr: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
-    """The starting weights and their architecture. With ``snr_stats``, weights without the
-    signal-to-noise inputs get them at zero weight (the same updates as the weights given); with
-    ``absolute_snr``, the weights move to the architecture with unscaled m/sqrt(v) columns."""
+def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False,
+                  dual_snr: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
+    """The starting weights and their architecture. With ``snr_stats`` or ``dual_snr``, weights
+    without those inputs get them at zero weight (the same updates as the weights given); with
+    ``absolute_snr``, the weights move to the architecture with unscaled m/sqrt(v) columns.
+    Weights that have one of these cannot start a run that leaves it out."""
     if init == "random":
-        net = MetaNetwork.random(ArchConfig(snr_stats=snr_stats, absolute_snr=absolute_snr))
+        net = MetaNetwork.random(ArchConfig(snr_stats=snr_stats, absolute_snr=absolute_snr, dual_snr=dual_snr))
     else:
         net = load_weights(init)[0]
-        if snr_stats:
-            net = net.with_snr_stats()
-        elif net.config.snr_stats:
-            raise ValueError(f"the starting weights {init!r} have the signal-to-noise inputs: pass --snr-stats")
-        if absolute_snr:
-            net = net.with_absolute_snr()
-        elif net.config.absolute_snr:
-            raise ValueError(f"the starting weights {init!r} take unscaled m/sqrt(v) columns: pass --absolute-snr")
+        for flag, wanted, move in (("snr-stats", snr_stats, MetaNetwork.with_snr_stats),
+                                   ("absolute-snr", absolute_snr, MetaNetwork.with_absolute_snr),
+                                   ("dual-snr", dual_snr, MetaNetwork.with_dual_snr)):
+            if wanted:
+                net = move(net)
+            elif getattr(net.config, flag.replace("-", "_")):
+                raise ValueError(f"the starting weights {init!r} are on the {flag} architecture: pass --{flag}")
     return {k: v.detach().clone() for k, v in net.weights().items()}, net.config
 
 
@@ -121,7 +122,8 @@ class MetaTrainer:
         self.rank, self.world = rank, world
         self.progress = progress and rank == 0
         self.family = get_family(config.family, config.scale_augment)
-        self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats, config.absolute_snr)
+        self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats, config.absolute_snr,
+                                                    config.dual_snr)
         self.names = list(self.theta)
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]

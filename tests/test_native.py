@@ -13,7 +13,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from helpers import random_weights
-from learned_opt import LearnedOptimizer, load_weights, native
+from learned_opt import ArchConfig, LearnedOptimizer, load_weights, native
 from learned_opt.functional import init_state, lopt_step, observe_validation_loss
 
 SHAPES = [(4097,), (70, 65), (3, 1531), (5000,), (33,), (7, 3), ()]
@@ -41,28 +41,30 @@ def _grads(ps, targets, scales, t):
     return [s * (p - q) + 0.01 * torch.randn(p.shape, generator=g) for p, q, s in zip(ps, targets, scales)]
 
 
-def _step(w, ps, grads, st, loss, impl, inplace, native_on, monkeypatch):
+def _step(w, ps, grads, st, loss, impl, inplace, native_on, monkeypatch, cfg=None):
     monkeypatch.setenv("LEARNED_OPT_NATIVE", "auto" if native_on else "0")
     ps = [p.clone() for p in ps]
     st = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, st)  # in place: use copies
     with torch.no_grad():
-        return lopt_step(w, ps, grads, st, loss=loss, impl=impl, inplace=inplace, chunk_size=1000)
+        return lopt_step(w, ps, grads, st, loss=loss, impl=impl, inplace=inplace, chunk_size=1000, cfg=cfg)
 
 
-@pytest.mark.parametrize("which", ["default", "random"])
+@pytest.mark.parametrize("which", ["default", "random", "random-dual-snr"])
 def test_kernel_step_equals_torch_path_and_reference_along_a_trajectory(which, monkeypatch):
     _kernel()
-    net = load_weights()[0] if which == "default" else random_weights()
+    net = {"default": lambda: load_weights()[0], "random": random_weights,
+           "random-dual-snr": lambda: random_weights(config=ArchConfig(dual_snr=True))}[which]()
     w = {k: v.detach() for k, v in net.weights().items()}
     ps, targets, scales = _problem()
-    st = init_state(w, ps)
+    cfg = net.config
+    st = init_state(w, ps, cfg)
     worst_ref = worst_torch = 0.0
     for t in range(30):
         grads = _grads(ps, targets, scales, t)
         loss = torch.tensor(1.0 / (1 + t))
-        nat = _step(w, ps, grads, st, loss, "fast", True, True, monkeypatch)
-        tor = _step(w, ps, grads, st, loss, "fast", True, False, monkeypatch)
-        ref = _step(w, ps, grads, st, loss, "reference", False, False, monkeypatch)
+        nat = _step(w, ps, grads, st, loss, "fast", True, True, monkeypatch, cfg)
+        tor = _step(w, ps, grads, st, loss, "fast", True, False, monkeypatch, cfg)
+        ref = _step(w, ps, grads, st, loss, "reference", False, False, monkeypatch, cfg)
         (_, sn), (_, s_t), (pr, sr) = nat, tor, ref
         # the accumulators are updated with the same roundings: bit for bit
         for a, b in zip(sn.tensors, s_t.tensors):
@@ -75,7 +77,7 @@ def test_kernel_step_equals_torch_path_and_reference_along_a_trajectory(which, m
         worst_torch, worst_ref = max(worst_torch, rel(fn, ft)), max(worst_ref, rel(fn, fr))
         ps, st = pr, sr
         if t % 10 == 0:
-            st = observe_validation_loss(st, loss * 1.1)
+            st = observe_validation_loss(st, loss * 1.1, cfg)
     moved = max((a - b).abs().max().item() for a, b in zip(ps, _problem()[0]))
     assert moved > 1e-3
     assert worst_torch < 1e-5, worst_torch

@@ -17,7 +17,8 @@ MAX_EXP = {torch.float16: 4, torch.bfloat16: 8, torch.float32: 8, torch.float64:
 
 _NETS = {"default": None, "random": random_weights(seed=7),
          "random-snr": random_weights(seed=8, config=ArchConfig(snr_stats=True)),
-         "random-abs-snr": random_weights(seed=9, config=ArchConfig(absolute_snr=True))}
+         "random-abs-snr": random_weights(seed=9, config=ArchConfig(absolute_snr=True)),
+         "random-dual-snr": random_weights(seed=10, config=ArchConfig(dual_snr=True, snr_stats=True))}
 
 
 def _state_tensors(opt):

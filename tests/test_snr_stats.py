@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learned_opt import ArchConfig, LearnedOptimizer, load_weights, save_weights
+from learned_opt import ArchConfig, LearnedOptimizer, MetaNetwork, load_weights, save_weights
 from learned_opt.batched import population_step
 from learned_opt.config import N_LSTM_STATS, N_SNR_STATS
 from learned_opt.functional import init_state, lopt_step, lstm_statistics
@@ -192,9 +192,10 @@ def test_absolute_snr_network_keeps_weights_and_changes_updates(tmp_path):
 
 
 @pytest.mark.parametrize("chunk", [None, 29])
-def test_absolute_snr_fast_equals_reference(chunk):
+@pytest.mark.parametrize("flag", ["absolute_snr", "dual_snr"])
+def test_snr_column_variants_fast_equals_reference(flag, chunk):
     from helpers import MixedRanks, make, random_weights, train
-    net = random_weights(seed=5, config=ArchConfig(absolute_snr=True, snr_stats=True))
+    net = random_weights(seed=5, config=ArchConfig(snr_stats=True, **{flag: True}))
     out = {}
     for impl in ("fast", "reference"):
         model = MixedRanks(torch.float64)
@@ -220,3 +221,81 @@ def test_meta_training_starts_from_weights_on_the_absolute_snr_architecture(tmp_
     save_weights(load_weights("rnn-mlp-pes-mix-v1")[0].with_absolute_snr(), tmp_path / "a.safetensors", "a")
     with pytest.raises(ValueError, match="absolute-snr"):
         initial_theta(str(tmp_path / "a.safetensors"))
+
+
+# ------------------------------------------------ m/sqrt(v) columns both scaled and unscaled
+
+DUAL = ArchConfig(dual_snr=True)
+
+
+def test_adding_the_unscaled_columns_at_zero_weight_changes_no_update(tmp_path):
+    net = load_weights()[0]
+    dual = net.with_dual_snr()
+    assert dual.config == DUAL and dual.with_dual_snr() is dual
+    assert dual.mlp_w0.shape[0] == net.mlp_w0.shape[0] + DUAL.n_decays == DUAL.mlp_in
+    a = _run({k: v.detach().double() for k, v in net.weights().items()}, net.config)
+    b = _run({k: v.detach().double() for k, v in dual.weights().items()}, dual.config)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():  # the new rows act once they are not zero
+        dual.mlp_w0[net.config.mlp_in:] = 0.5
+    c = _run({k: v.detach().double() for k, v in dual.weights().items()}, dual.config)
+    assert any(not torch.allclose(x, y) for x, y in zip(a, c))
+    save_weights(dual, tmp_path / "w.safetensors", "dual-test")
+    back, info = load_weights(tmp_path / "w.safetensors")
+    assert info.config.dual_snr and torch.equal(back.mlp_w0, dual.mlp_w0)
+
+
+def test_dual_inputs_are_the_unscaled_columns():
+    # the reference's extra inputs, checked by hand: a network whose direction output reads
+    # only the first unscaled m/sqrt(v) input takes exactly that as its step
+    net = MetaNetwork(DUAL)
+    E, C = DUAL.n_element_cols, DUAL.n_const_cols
+    with torch.no_grad():
+        net.mlp_w0[E + C, 0], net.mlp_w0[E + C, 1] = 1.0, -1.0  # relu(x), relu(-x)
+        net.mlp_w1[0, 0] = net.mlp_w1[1, 1] = 1.0
+        net.mlp_w2[0, 0], net.mlp_w2[1, 0] = 1.0, -1.0
+    w = {k: v.detach().double() for k, v in net.weights().items()}
+    gen = torch.Generator().manual_seed(3)
+    p = [torch.randn(6, 4, generator=gen, dtype=torch.float64)]
+    g = [torch.randn(6, 4, generator=gen, dtype=torch.float64) * 1e-3]
+    for impl in ("reference", "fast"):
+        st = init_state(w, p, DUAL)
+        new, st = lopt_step(w, p, g, st, lr=0.1, cfg=DUAL, impl=impl)
+        m, v = st.tensors[0].mom[..., 0], st.tensors[0].rms[..., 0]
+        torch.testing.assert_close(p[0] - new[0], 0.1 * m * torch.rsqrt(v + DUAL.rms_eps), rtol=1e-10, atol=1e-14)
+
+
+def test_population_step_with_dual_snr_matches_lopt_step():
+    _population_matches_lopt_step(load_weights()[0].with_dual_snr().weights(), DUAL, [(7, 3), (3,)], M=2, seed=7)
+
+
+def test_dual_snr_excludes_absolute_snr_and_needs_its_flag_to_start_a_run(tmp_path):
+    from meta_train.trainer import initial_theta
+    with pytest.raises(ValueError, match="exclude"):
+        ArchConfig(dual_snr=True, absolute_snr=True)
+    with pytest.raises(ValueError, match="absolute_snr"):
+        load_weights()[0].with_absolute_snr().with_dual_snr()
+    theta, cfg = initial_theta("rnn-mlp-pes-mix-v1", snr_stats=True, dual_snr=True)
+    assert cfg == ArchConfig(snr_stats=True, dual_snr=True)
+    assert theta["mlp_w0"].shape[0] == cfg.mlp_in and not theta["mlp_w0"][-cfg.n_decays:].any()
+    save_weights(load_weights()[0].with_dual_snr(), tmp_path / "d.safetensors", "d")
+    with pytest.raises(ValueError, match="dual-snr"):
+        initial_theta(str(tmp_path / "d.safetensors"))
+
+
+def test_meta_training_command_line_trains_the_dual_inputs(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "meta_train", "train", "--family", "teacher_student", "--pairs", "2",
+           "--groups", "1", "--unroll", "3", "--min-horizon", "6", "--max-horizon", "6", "--steps", "2",
+           "--threads", "1", "--init", "rnn-mlp-pes-mix-v1", "--dual-snr", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    net, info = load_weights(tmp_path / "weights.safetensors")
+    assert info.config == DUAL
+    assert net.mlp_w0[-DUAL.n_decays:].abs().max() > 0  # the new rows left zero
