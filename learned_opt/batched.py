@@ -35,8 +35,8 @@ from torch import Tensor
 from . import native
 from .config import ArchConfig
 from .fast import _column_square_sums, combine_rows
-from .functional import (LOptState, TensorState, clip_amount, column_scale, compute_dtype, element_columns,
-                         fold_first_layer, lstm_cell, lstm_statistics, tensor_constants, train_loss_statistics,
+from .functional import (LOptState, TensorState, check_architecture, clip_amount, column_scale, compute_dtype,
+                         element_columns, fold_first_layer, lstm_cell, lstm_statistics, tensor_constants, train_loss_statistics,
                          update_clipper, validation_feature)
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows (members x elements) per chunk of the MLP pass
@@ -51,6 +51,7 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
     """``lopt_step`` for ``M`` members at once; returns ``(new_params, new_state)`` with the
     member dimension first. ``lr`` is a number or one number per tensor (shared by members)."""
     cfg = cfg or ArchConfig()
+    check_architecture(weights, cfg)
     T = len(params)
     if len(grads) != T or len(state.tensors) != T:
         raise ValueError(f"got {T} params, {len(grads)} grads and {len(state.tensors)} states")

@@ -99,9 +99,24 @@ def init_tensor_state(weights: Dict[str, Tensor], cfg: ArchConfig, param: Tensor
     )
 
 
+def check_architecture(weights: Dict[str, Tensor], cfg: ArchConfig) -> None:
+    """A clear error where the weights were made for another architecture than ``cfg`` (the
+    input widths of the LSTM and of the MLP differ): the usual cause is a missing ``cfg``
+    argument with weights whose config is not the default one. The config travels in every
+    weights file: ``net, _ = load_weights(...)``, then ``cfg=net.config``. (Whether the
+    m/sqrt(v) columns are scaled, ``absolute_snr``, does not show in the shapes.)"""
+    want = {"lstm_w": cfg.lstm_in + cfg.lstm_hidden, "mlp_w0": cfg.mlp_in}
+    for name, rows in want.items():
+        if name in weights and weights[name].shape[-2] != rows:
+            raise ValueError(f"the weights' {name} has {weights[name].shape[-2]} input rows, the "
+                             f"architecture {cfg} takes {rows}: pass the weights' own config "
+                             "(cfg=net.config for net, _ = load_weights(...))")
+
+
 def init_state(weights: Dict[str, Tensor], params: Sequence[Tensor],
                cfg: Optional[ArchConfig] = None) -> LOptState:
     cfg = cfg or ArchConfig()
+    check_architecture(weights, cfg)
     dev = params[0].device if len(params) else None
     return LOptState(init_global_state(weights, cfg, dev),
                      [init_tensor_state(weights, cfg, p) for p in params])
@@ -336,6 +351,7 @@ def lopt_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Seque
     from . import fast, reference
 
     cfg = cfg or ArchConfig()
+    check_architecture(weights, cfg)
     if impl == "fast":
         backend = fast
     elif impl == "reference":

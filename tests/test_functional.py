@@ -7,7 +7,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 from helpers import random_weights
-from learned_opt import ArchConfig, MetaNetwork
+from learned_opt import ArchConfig, MetaNetwork, load_weights
 from learned_opt.functional import (init_state, lopt_step, observe_validation_loss,
                                     update_training_loss, validation_feature)
 
@@ -133,3 +133,16 @@ def test_lr_sequence_length_is_checked():
         lopt_step(w, params, params, st, lr=[1e-3, 1e-3])
     with pytest.raises(ValueError, match="impl"):
         lopt_step(w, params, params, st, impl="turbo")
+
+
+def test_weights_of_another_architecture_get_a_clear_error():
+    # the default weights carry a config other than ArchConfig(): the functional API needs it
+    net, _ = load_weights()
+    w = {k: v.detach() for k, v in net.weights().items()}
+    p = [torch.randn(3, 2)]
+    with pytest.raises(ValueError, match="cfg=net.config"):
+        init_state(w, p)
+    st = init_state(w, p, net.config)
+    with pytest.raises(ValueError, match="cfg=net.config"):
+        lopt_step(w, p, [torch.randn(3, 2)], st)
+    lopt_step(w, p, [torch.randn(3, 2)], st, cfg=net.config)  # and with it, it runs

@@ -97,8 +97,14 @@ def test_optimizer_uses_the_kernel_and_matches_it_switched_off(monkeypatch):
                 p.grad = g
             opt.step(loss=1.0)
         out[mode] = [p.detach().clone() for p in ps]
-    for a, b in zip(out["auto"], out["0"]):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    # compared in units of how far each tensor moved: the kernel and PyTorch sum the MLP's
+    # products in different orders, so their updates agree to float32 rounding of the update
+    # (about 1e-6 of it per step, up to 1.4e-5 measured over these 5 steps with either shipped
+    # default), not of the parameter
+    for a, b, start in zip(out["auto"], out["0"], _problem(1)[0]):
+        moved = (b - start).abs().max()
+        assert moved > 1e-4
+        assert (a - b).abs().max() <= 5e-5 * moved, ((a - b).abs().max() / moved).item()
 
 
 def test_kernel_is_not_used_under_autograd_or_for_float64(monkeypatch):
@@ -111,17 +117,18 @@ def test_kernel_is_not_used_under_autograd_or_for_float64(monkeypatch):
             return getattr(mod, name)
 
     monkeypatch.setattr(native, "get", lambda: Spy())
-    w = {k: v.detach() for k, v in load_weights()[0].weights().items()}
+    net = load_weights()[0]
+    w, cfg = {k: v.detach() for k, v in net.weights().items()}, net.config
     ps, targets, scales = _problem()
     grads = _grads(ps, targets, scales, 0)
-    lopt_step(w, ps, grads, init_state(w, ps), inplace=False)  # functional: never the kernel
+    lopt_step(w, ps, grads, init_state(w, ps, cfg), inplace=False, cfg=cfg)  # functional: never the kernel
     ps64 = [p.double() for p in ps]
     with torch.no_grad():
         lopt_step({k: v.double() for k, v in w.items()}, ps64, [g.double() for g in grads],
-                  init_state(w, ps64), inplace=True)
+                  init_state(w, ps64, cfg), inplace=True, cfg=cfg)
     assert calls == []
     with torch.no_grad():
-        lopt_step(w, [p.clone() for p in ps], grads, init_state(w, ps), inplace=True)
+        lopt_step(w, [p.clone() for p in ps], grads, init_state(w, ps, cfg), inplace=True, cfg=cfg)
     assert "mlp_pass" in calls and "stats_pass" in calls
 
 
@@ -158,12 +165,13 @@ def test_a_nan_gradient_spreads_as_in_the_torch_path(monkeypatch):
     """The optimizer skips steps with non-finite gradients, but the functional step must still
     treat NaN as the PyTorch path does (the clip lets it through) rather than hide it."""
     _kernel()
-    w = {k: v.detach() for k, v in load_weights()[0].weights().items()}
+    net = load_weights()[0]
+    w, cfg = {k: v.detach() for k, v in net.weights().items()}, net.config
     ps, targets, scales = _problem(3)
     grads = _grads(ps, targets, scales, 0)
     grads[0][17] = float("nan")
-    st = init_state(w, ps)
-    (pn, sn), (pt, s_t) = [_step(w, ps, grads, st, None, "fast", True, on, monkeypatch) for on in (True, False)]
+    st = init_state(w, ps, cfg)
+    (pn, sn), (pt, s_t) = [_step(w, ps, grads, st, None, "fast", True, on, monkeypatch, cfg) for on in (True, False)]
     for a, b in zip(sn.tensors, s_t.tensors):
         assert torch.equal(a.mom.isnan(), b.mom.isnan()) and torch.equal(a.rms.isnan(), b.rms.isnan())
     assert sn.tensors[0].mom[17].isnan().all()
@@ -177,14 +185,15 @@ def test_extreme_parameters_and_step_sizes_match_the_torch_path(mag_bias, monkey
     vector log; magnitude outputs that push exp past float's range (rate 0.001 times
     a bias near 9e4) go through its fallback, to inf or a subnormal as in PyTorch."""
     _kernel()
-    w = {k: v.detach().clone() for k, v in load_weights()[0].weights().items()}
+    net = load_weights()[0]
+    w, cfg = {k: v.detach().clone() for k, v in net.weights().items()}, net.config
     w["mlp_b2"][1] += mag_bias
     ps, targets, scales = _problem(5)
     special = torch.tensor([0.0, -0.0, 1e-45, -1e-40, 1e-38, 1e15, -1e15, 1e-8, 1.0, -7.5])
     ps[0][: special.numel()] = special
     grads = _grads(ps, targets, scales, 0)
-    st = init_state(w, ps)
-    (pn, sn), (pt, s_t) = [_step(w, ps, grads, st, None, "fast", True, on, monkeypatch) for on in (True, False)]
+    st = init_state(w, ps, cfg)
+    (pn, sn), (pt, s_t) = [_step(w, ps, grads, st, None, "fast", True, on, monkeypatch, cfg) for on in (True, False)]
     for a, b in zip(pn, pt):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
         fin = a.isfinite() & b.isfinite()

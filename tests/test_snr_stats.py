@@ -14,6 +14,7 @@ from learned_opt.functional import init_state, lopt_step, lstm_statistics
 from learned_opt.reference import raw_statistics
 
 SNR = ArchConfig(snr_stats=True)
+V1 = "rnn-mlp-pes-mix-v1"  # shipped weights on the first architecture (no signal-to-noise inputs)
 
 
 def _raw(m, v, p, g):
@@ -77,7 +78,7 @@ def _run(weights, cfg, steps=6, seed=0):
 
 
 def test_adding_the_inputs_at_zero_weight_changes_no_update():
-    net = load_weights()[0]
+    net = load_weights(V1)[0]
     wide = net.with_snr_stats()
     assert wide.config.snr_stats and not net.config.snr_stats and wide.with_snr_stats() is wide
     assert wide.lstm_w.shape[0] == net.lstm_w.shape[0] + N_SNR_STATS
@@ -93,7 +94,7 @@ def test_adding_the_inputs_at_zero_weight_changes_no_update():
 
 
 def test_weights_file_carries_the_architecture(tmp_path):
-    wide = load_weights()[0].with_snr_stats()
+    wide = load_weights(V1)[0].with_snr_stats()
     save_weights(wide, tmp_path / "w.safetensors", "snr-test")
     back, info = load_weights(tmp_path / "w.safetensors")
     assert info.config.snr_stats and back.config == wide.config
@@ -125,17 +126,17 @@ def _population_matches_lopt_step(base, cfg, shapes, M, seed):
 
 
 def test_population_step_uses_the_inputs_like_lopt_step():
-    _population_matches_lopt_step(load_weights()[0].with_snr_stats().weights(), SNR, [(6, 4), (4,)], M=3, seed=2)
+    _population_matches_lopt_step(load_weights(V1)[0].with_snr_stats().weights(), SNR, [(6, 4), (4,)], M=3, seed=2)
 
 
 def test_meta_training_with_the_inputs(tmp_path):
     from meta_train.population import UnrollSettings
     from meta_train.trainer import MetaTrainConfig, MetaTrainer
     cfg = MetaTrainConfig(family="teacher_student", pairs=2, groups=1, steps=2, checkpoint_every=1,
-                          unroll=UnrollSettings(unroll=3, min_horizon=6, max_horizon=6), init="rnn-mlp-pes-mix-v1",
+                          unroll=UnrollSettings(unroll=3, min_horizon=6, max_horizon=6), init=V1,
                           snr_stats=True)
     tr = MetaTrainer(cfg, tmp_path, progress=False)
-    start = load_weights("rnn-mlp-pes-mix-v1")[0].with_snr_stats().weights()
+    start = load_weights(V1)[0].with_snr_stats().weights()
     tr.run()
     net, info = load_weights(tmp_path / "weights.safetensors")
     assert info.config.snr_stats
@@ -178,7 +179,7 @@ def test_m_over_sqrt_v_is_bounded_so_it_can_go_unscaled():
 
 
 def test_absolute_snr_network_keeps_weights_and_changes_updates(tmp_path):
-    net = load_weights()[0]
+    net = load_weights(V1)[0]
     ab = net.with_absolute_snr()
     assert ab.config == ABS and ab.with_absolute_snr() is ab
     for k, v in net.weights().items():
@@ -209,16 +210,16 @@ def test_snr_column_variants_fast_equals_reference(flag, chunk):
 
 
 def test_population_step_with_absolute_snr_matches_lopt_step():
-    _population_matches_lopt_step(load_weights()[0].with_absolute_snr().weights(), ABS, [(7, 3), (3,)], M=2, seed=6)
+    _population_matches_lopt_step(load_weights(V1)[0].with_absolute_snr().weights(), ABS, [(7, 3), (3,)], M=2, seed=6)
 
 
 def test_meta_training_starts_from_weights_on_the_absolute_snr_architecture(tmp_path):
     from meta_train.trainer import initial_theta
-    theta, cfg = initial_theta("rnn-mlp-pes-mix-v1", absolute_snr=True)
+    theta, cfg = initial_theta(V1, absolute_snr=True)
     assert cfg.absolute_snr and not cfg.snr_stats
-    start = load_weights("rnn-mlp-pes-mix-v1")[0].weights()
+    start = load_weights(V1)[0].weights()
     assert all(torch.equal(theta[k], v) for k, v in start.items())
-    save_weights(load_weights("rnn-mlp-pes-mix-v1")[0].with_absolute_snr(), tmp_path / "a.safetensors", "a")
+    save_weights(load_weights(V1)[0].with_absolute_snr(), tmp_path / "a.safetensors", "a")
     with pytest.raises(ValueError, match="absolute-snr"):
         initial_theta(str(tmp_path / "a.safetensors"))
 
@@ -229,7 +230,7 @@ DUAL = ArchConfig(dual_snr=True)
 
 
 def test_adding_the_unscaled_columns_at_zero_weight_changes_no_update(tmp_path):
-    net = load_weights()[0]
+    net = load_weights(V1)[0]
     dual = net.with_dual_snr()
     assert dual.config == DUAL and dual.with_dual_snr() is dual
     assert dual.mlp_w0.shape[0] == net.mlp_w0.shape[0] + DUAL.n_decays == DUAL.mlp_in
@@ -267,7 +268,7 @@ def test_dual_inputs_are_the_unscaled_columns():
 
 
 def test_population_step_with_dual_snr_matches_lopt_step():
-    _population_matches_lopt_step(load_weights()[0].with_dual_snr().weights(), DUAL, [(7, 3), (3,)], M=2, seed=7)
+    _population_matches_lopt_step(load_weights(V1)[0].with_dual_snr().weights(), DUAL, [(7, 3), (3,)], M=2, seed=7)
 
 
 def test_dual_snr_excludes_absolute_snr_and_needs_its_flag_to_start_a_run(tmp_path):
@@ -275,11 +276,11 @@ def test_dual_snr_excludes_absolute_snr_and_needs_its_flag_to_start_a_run(tmp_pa
     with pytest.raises(ValueError, match="exclude"):
         ArchConfig(dual_snr=True, absolute_snr=True)
     with pytest.raises(ValueError, match="absolute_snr"):
-        load_weights()[0].with_absolute_snr().with_dual_snr()
-    theta, cfg = initial_theta("rnn-mlp-pes-mix-v1", snr_stats=True, dual_snr=True)
+        load_weights(V1)[0].with_absolute_snr().with_dual_snr()
+    theta, cfg = initial_theta(V1, snr_stats=True, dual_snr=True)
     assert cfg == ArchConfig(snr_stats=True, dual_snr=True)
     assert theta["mlp_w0"].shape[0] == cfg.mlp_in and not theta["mlp_w0"][-cfg.n_decays:].any()
-    save_weights(load_weights()[0].with_dual_snr(), tmp_path / "d.safetensors", "d")
+    save_weights(load_weights(V1)[0].with_dual_snr(), tmp_path / "d.safetensors", "d")
     with pytest.raises(ValueError, match="dual-snr"):
         initial_theta(str(tmp_path / "d.safetensors"))
 
@@ -292,7 +293,7 @@ def test_meta_training_command_line_trains_the_dual_inputs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "meta_train", "train", "--family", "teacher_student", "--pairs", "2",
            "--groups", "1", "--unroll", "3", "--min-horizon", "6", "--max-horizon", "6", "--steps", "2",
-           "--threads", "1", "--init", "rnn-mlp-pes-mix-v1", "--dual-snr", "--out", str(tmp_path)]
+           "--threads", "1", "--init", V1, "--dual-snr", "--out", str(tmp_path)]
     res = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=str(root)), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
