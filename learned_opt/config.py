@@ -57,8 +57,8 @@ class ArchConfig:
     # Adam's m/sqrt(v) does, but come out with RMS 1 scaled. Same weights, a different network.
     absolute_snr: bool = False
     # The D m/sqrt(v) columns enter the MLP twice: scaled among the element columns, as in the
-    # default architecture, and unscaled as D more inputs after the per-tensor constants. The
-    # scaled copy carries the pattern over the tensor that the default weights were trained on;
+    # base architecture, and unscaled as D more inputs after the per-tensor constants. The
+    # scaled copy carries the pattern over the tensor that weights of the base architecture use;
     # the unscaled one says how far the averaged gradient stands above its noise. Existing
     # weights move here with the new inputs at zero weight (``MetaNetwork.with_dual_snr``), which
     # changes no update, so meta-training can start from weights that already work.
