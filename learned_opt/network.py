@@ -145,19 +145,11 @@ class MetaNetwork(nn.Module):
     def with_dual_snr(self) -> "MetaNetwork":
         """This network with the unscaled m/sqrt(v) MLP inputs (``ArchConfig.dual_snr``) added at
         zero weight: exactly the same updates, and meta-training can then learn to use them.
-        Returns ``self`` if it has them."""
+        Returns ``self`` if it has them (``ArchConfig`` refuses it with ``absolute_snr``)."""
         if self.config.dual_snr:
             return self
-        if self.config.absolute_snr:
-            raise ValueError("weights on the absolute_snr architecture cannot take dual_snr inputs")
-        cfg = dataclasses.replace(self.config, dual_snr=True)
-        net = MetaNetwork(cfg)
-        at = self.config.mlp_in  # the new inputs follow all the old ones
-        with torch.no_grad():  # the new network starts all zeros: copy all but the new rows
-            for name, p in self.named_parameters():
-                q = getattr(net, name)
-                (q[:at] if name == "mlp_w0" else q).copy_(p)
-        return net
+        # the new inputs follow all the old ones
+        return self._with_zero_rows(dataclasses.replace(self.config, dual_snr=True), "mlp_w0", self.config.mlp_in)
 
     def with_snr_stats(self) -> "MetaNetwork":
         """This network with the two signal-to-noise LSTM inputs (``ArchConfig.snr_stats``)
@@ -165,15 +157,21 @@ class MetaNetwork(nn.Module):
         meta-training can then learn to use the new inputs. Returns ``self`` if it has them."""
         if self.config.snr_stats:
             return self
-        cfg = dataclasses.replace(self.config, snr_stats=True)
+        # the new statistics follow the old ones in the LSTM input
+        return self._with_zero_rows(dataclasses.replace(self.config, snr_stats=True), "lstm_w",
+                                    self.config.n_lstm_stats)
+
+    def _with_zero_rows(self, cfg: ArchConfig, name: str, at: int) -> "MetaNetwork":
+        """A network of ``cfg`` holding this one's weights, where ``cfg`` gives the input matrix
+        ``name`` more rows, inserted at row ``at`` and left at zero."""
         net = MetaNetwork(cfg)
-        at = self.config.n_lstm_stats  # the new statistics follow the old ones in the LSTM input
         with torch.no_grad():  # the new network starts all zeros: copy around the new rows
-            for name, p in self.named_parameters():
-                q = getattr(net, name)
-                if name == "lstm_w":
+            for key, p in self.named_parameters():
+                q = getattr(net, key)
+                if key == name:
+                    new = q.shape[0] - p.shape[0]
                     q[:at].copy_(p[:at])
-                    q[cfg.n_lstm_stats:].copy_(p[at:])
+                    q[at + new:].copy_(p[at:])
                 else:
                     q.copy_(p)
         return net

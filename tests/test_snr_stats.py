@@ -3,6 +3,10 @@ them at zero weight changes no update, and that they travel through weights file
 population step and meta-training."""
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -286,10 +290,6 @@ def test_dual_snr_excludes_absolute_snr_and_needs_its_flag_to_start_a_run(tmp_pa
 
 
 def test_meta_training_command_line_trains_the_dual_inputs(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "meta_train", "train", "--family", "teacher_student", "--pairs", "2",
            "--groups", "1", "--unroll", "3", "--min-horizon", "6", "--max-horizon", "6", "--steps", "2",
