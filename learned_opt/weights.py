@@ -94,6 +94,9 @@ def save_weights(net: Union[MetaNetwork, Mapping[str, torch.Tensor]], path: Unio
     tensors = _tensors_of(net)
     _check_tensors(tensors, config, str(path))
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    reserved = sorted({"format", "format_version", "name", "config", "checksum"} & set(meta))
+    if reserved:
+        raise ValueError(f"metadata keys {reserved} are written by save_weights itself")
     digest = checksum(tensors)
     meta.update(format=FORMAT, format_version=FORMAT_VERSION, name=name,
                 config=config.to_json(), checksum=digest)

@@ -33,6 +33,9 @@ def _add_train_args(ap):
                          "(ArchConfig.dual_snr); starting weights without the unscaled inputs get them at zero weight")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    ap.add_argument("--ema", type=float, default=d.ema,
+                    help="also keep an exponential moving average of the weights with this decay "
+                         "(e.g. 0.999), written as weights-ema.safetensors; 0: none. May be changed on resume")
     ap.add_argument("--unroll", type=int, default=u.unroll, help="inner steps per truncation")
     ap.add_argument("--min-horizon", type=int, default=u.min_horizon)
     ap.add_argument("--max-horizon", type=int, default=u.max_horizon)

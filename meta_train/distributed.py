@@ -26,7 +26,7 @@ def config_from_args(args):
         family=args.family, scale_augment=args.scale_augment, estimator=args.estimator,
         sigma=args.sigma, pairs=args.pairs, groups=args.groups, outer=args.outer,
         outer_lr=args.outer_lr, steps=args.steps, init=args.init, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, snr_stats=args.snr_stats,
+        checkpoint_every=args.checkpoint_every, ema=args.ema, snr_stats=args.snr_stats,
         absolute_snr=args.absolute_snr, dual_snr=args.dual_snr,
         unroll=UnrollSettings(unroll=args.unroll, min_horizon=args.min_horizon,
                               max_horizon=args.max_horizon, inner_lr=args.inner_lr,

@@ -56,6 +56,10 @@ class MetaTrainConfig:
     dual_snr: bool = False  # the architecture with both scaled and unscaled m/sqrt(v) columns (ArchConfig)
     seed: int = 0
     checkpoint_every: int = 10
+    # decay of an exponential moving average of theta, written beside the weights as
+    # weights-ema.safetensors (0: none). It does not change training, so it may be switched on
+    # or changed on resume; the average then restarts from theta at that step.
+    ema: float = 0.0
     unroll: UnrollSettings = dataclasses.field(default_factory=UnrollSettings)
 
     def to_json(self) -> str:
@@ -80,6 +84,8 @@ class MetaTrainConfig:
             raise ValueError("loss_transform must be 'log' or 'none'")
         if not (self.unroll.min_horizon <= self.unroll.max_horizon):
             raise ValueError("min_horizon must be <= max_horizon")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
 
 
 def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False,
@@ -135,6 +141,8 @@ class MetaTrainer:
         self.groups: Dict[int, Group] = {}
         self.pes = PESAccumulator(config.pairs, self.n_theta) if config.estimator == "pes" else None
         self.step = 0
+        self.ema: Optional[Dict[str, Tensor]] = None  # the moving average of theta (config.ema > 0)
+        self.ema_since = 0  # the outer step the average started from
         ckpt = self._resume_point() if resume else None
         if ckpt is not None:
             self._load(*ckpt)
@@ -143,11 +151,23 @@ class MetaTrainer:
                 print(f"[meta_train] no checkpoint in {self.out}; starting fresh", file=sys.stderr)
             for g in self.my_groups:
                 self.groups[g] = self._new_group(g)
+            self._start_ema()
             if rank == 0:
                 (self.out / "config.json").write_text(self.c.to_json())
                 log = self.out / "log.jsonl"
                 if log.exists():
                     log.unlink()
+
+    def _start_ema(self) -> None:
+        if self.c.ema > 0:
+            self.ema = {k: v.detach().clone() for k, v in self.theta.items()}
+            self.ema_since = self.step
+
+    def _update_ema(self) -> None:
+        if self.ema is not None:
+            with torch.no_grad():
+                for k, v in self.theta.items():
+                    self.ema[k].lerp_(v, 1.0 - self.c.ema)
 
     def _new_group(self, g: int) -> Group:
         return Group(self.family, self.c.unroll, self.lopt_cfg, self.c.seed, g,
@@ -207,6 +227,7 @@ class MetaTrainer:
         meta_loss = float(losses[finite > 0].mean()) if n_ok else float("nan")
         if n_ok:
             self.outer.step(self.theta, self._unflat(grad_vec.to(torch.float32)), meta_loss)
+        self._update_ema()
 
         # groups that finished their horizon (or went non-finite) start a new task
         for g in range(c.groups):
@@ -309,6 +330,8 @@ class MetaTrainer:
             "outer": self.outer.state_dict(),
             "pes_accum": self.pes.total if self.pes is not None else None,
             "groups": {g: grp.state_dict() for g, grp in self.groups.items()},
+            "ema": {k: v.clone() for k, v in self.ema.items()} if self.ema is not None else None,
+            "ema_since": self.ema_since,
         }
         if self.world > 1 and self._ckpt_path().exists():
             os.replace(self._ckpt_path(), self._prev_path())
@@ -316,16 +339,22 @@ class MetaTrainer:
         self._write_weights()
 
     def _write_weights(self) -> None:
-        if self.rank == 0:
-            save_weights(self.theta, self.out / "weights.safetensors", f"meta-trained-{self.c.family}",
-                         config=self.lopt_cfg, metadata={"outer_steps": str(self.step), "config": self.c.to_json(),
-                                   "note": "intermediate meta-training weights"})
+        if self.rank != 0:
+            return
+        meta = {"outer_steps": str(self.step), "meta_train_config": self.c.to_json()}
+        save_weights(self.theta, self.out / "weights.safetensors", f"meta-trained-{self.c.family}",
+                     config=self.lopt_cfg, metadata={**meta, "note": "intermediate meta-training weights"})
+        if self.ema is not None:
+            save_weights(self.ema, self.out / "weights-ema.safetensors", f"meta-trained-{self.c.family}-ema",
+                         config=self.lopt_cfg,
+                         metadata={**meta, "ema_decay": str(self.c.ema), "ema_since": str(self.ema_since),
+                                   "note": "exponential moving average of the meta-training weights"})
 
     def _load(self, path: Path, obj: Dict[str, Any]) -> None:
         saved = MetaTrainConfig.from_json(obj["config"])
-        if dataclasses.replace(saved, steps=0) != dataclasses.replace(self.c, steps=0):
+        if dataclasses.replace(saved, steps=0, ema=0.0) != dataclasses.replace(self.c, steps=0, ema=0.0):
             raise RuntimeError(f"{path}: the checkpoint was made with another configuration "
-                               f"({obj['config']}); only --steps may change on resume")
+                               f"({obj['config']}); only --steps and --ema may change on resume")
         if obj["world"] != self.world:
             raise RuntimeError(f"{path}: made with {obj['world']} workers, resumed with {self.world}")
         self.step = obj["step"]
@@ -339,6 +368,14 @@ class MetaTrainer:
             grp = self._new_group(g)
             grp.load_state_dict(obj["groups"][g])
             self.groups[g] = grp
+        if self.c.ema > 0 and saved.ema == self.c.ema and obj.get("ema") is not None:
+            self.ema = {k: obj["ema"][k].clone() for k in self.names}
+            self.ema_since = obj["ema_since"]
+        else:
+            if self.c.ema > 0 and self.rank == 0:
+                print(f"[meta_train] moving average of theta (decay {self.c.ema}) starts at step {self.step}",
+                      file=sys.stderr)
+            self._start_ema()
         self._write_weights()  # weights.safetensors may be ahead of the step resumed from
         if self.rank == 0:  # drop log lines written after the checkpoint
             log = self.out / "log.jsonl"

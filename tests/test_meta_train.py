@@ -63,6 +63,46 @@ def test_resume_refuses_a_different_configuration(tmp_path):
     assert len(_records(tmp_path)) == 4
 
 
+def test_moving_average_of_theta_follows_its_definition_and_resumes_exactly(tmp_path):
+    decay = 0.6
+    tr = MetaTrainer(small_config(ema=decay, checkpoint_every=2), tmp_path / "a", progress=False)
+    expect = {k: v.clone().double() for k, v in tr.theta.items()}
+    for _ in range(5):
+        tr.outer_step()
+        for k, v in tr.theta.items():
+            expect[k] = decay * expect[k] + (1 - decay) * v.double()
+    for k in expect:
+        torch.testing.assert_close(tr.ema[k].double(), expect[k], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(tr.ema[k], tr.theta[k]) for k in expect)
+
+    full = MetaTrainer(small_config(ema=decay), tmp_path / "full", progress=False)
+    full.run()
+    part = MetaTrainer(small_config(ema=decay), tmp_path / "part", progress=False)
+    part.run(steps=3)
+    resumed = MetaTrainer(small_config(ema=decay), tmp_path / "part", resume=True, progress=False)
+    resumed.run()
+    for k in full.theta:
+        assert torch.equal(full.ema[k], resumed.ema[k]), k
+    net, info = load_weights(str(tmp_path / "part" / "weights-ema.safetensors"))
+    for k, v in net.weights().items():
+        assert torch.equal(v, full.ema[k]), k
+    assert info.metadata["outer_steps"] == "6" and info.metadata["ema_since"] == "0"
+    assert json.loads(info.metadata["meta_train_config"])["ema"] == decay
+
+
+def test_moving_average_can_be_switched_on_at_resume(tmp_path):
+    MetaTrainer(small_config(steps=3), tmp_path, progress=False).run()
+    assert not (tmp_path / "weights-ema.safetensors").exists()
+    tr = MetaTrainer(small_config(steps=4, ema=0.9), tmp_path, resume=True, progress=False)
+    for k in tr.theta:  # it starts from theta at the step resumed from
+        assert torch.equal(tr.ema[k], tr.theta[k]), k
+    tr.run()
+    info = load_weights(str(tmp_path / "weights-ema.safetensors"))[1]
+    assert info.metadata["ema_since"] == "3" and info.metadata["outer_steps"] == "4"
+    with pytest.raises(ValueError, match="ema"):
+        MetaTrainer(small_config(ema=1.0), tmp_path / "bad", progress=False)
+
+
 def test_damaged_checkpoint_fails_loudly(tmp_path):
     MetaTrainer(small_config(steps=3), tmp_path, progress=False).run()
     ck = tmp_path / "checkpoint-rank0.pt"

@@ -38,6 +38,8 @@ def test_save_load_round_trip_with_metadata(tmp_path):
         assert torch.equal(a, b), k
     opt = LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], weights=str(path))
     assert opt.weights_info.name == "mine"
+    with pytest.raises(ValueError, match="config"):  # would overwrite the architecture
+        save_weights(net, tmp_path / "x.safetensors", "x", metadata={"config": "{}"})
 
 
 def test_missing_and_unknown(tmp_path):
