@@ -30,12 +30,15 @@ Loss features when losses are missing (our definition; the reference requires a 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .config import N_SHAPE_DIMS, TIMESCALES, ArchConfig
+
+if TYPE_CHECKING:
+    from .network import MetaNetwork
 
 Number = Union[float, int, Tensor]
 
@@ -110,13 +113,28 @@ def check_architecture(weights: Dict[str, Tensor], cfg: ArchConfig) -> None:
         if name in weights and weights[name].shape[-2] != rows:
             raise ValueError(f"the weights' {name} has {weights[name].shape[-2]} input rows, the "
                              f"architecture {cfg} takes {rows}: pass the weights' own config "
-                             "(cfg=net.config for net, _ = load_weights(...))")
+                             "(cfg=net.config for net, _ = load_weights(...), or pass net itself)")
 
 
-def init_state(weights: Dict[str, Tensor], params: Sequence[Tensor],
-               cfg: Optional[ArchConfig] = None) -> LOptState:
+def resolve_weights(weights, cfg: Optional[ArchConfig]) -> Tuple[Dict[str, Tensor], ArchConfig]:
+    """The weights as a dict and their architecture. ``weights`` is a name -> tensor dict (with
+    ``cfg``, default ``ArchConfig()``) or a ``MetaNetwork``, which brings its own config (a
+    ``cfg`` that differs from it is refused)."""
+    from .network import MetaNetwork
+
+    if isinstance(weights, MetaNetwork):
+        if cfg is not None and cfg != weights.config:
+            raise ValueError(f"cfg {cfg} differs from the network's own config {weights.config}")
+        return weights.weights(), weights.config
     cfg = cfg or ArchConfig()
     check_architecture(weights, cfg)
+    return weights, cfg
+
+
+def init_state(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence[Tensor],
+               cfg: Optional[ArchConfig] = None) -> LOptState:
+    """The state before the first step: ``weights`` as in :func:`resolve_weights`."""
+    weights, cfg = resolve_weights(weights, cfg)
     dev = params[0].device if len(params) else None
     return LOptState(init_global_state(weights, cfg, dev),
                      [init_tensor_state(weights, cfg, p) for p in params])
@@ -332,7 +350,7 @@ def _per_tensor(value, n: int, name: str) -> List:
 # ----------------------------------------------------------------------------- step
 
 
-def lopt_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Sequence[Tensor],
+def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence[Tensor], grads: Sequence[Tensor],
               state: LOptState, *, loss: Optional[Number] = None,
               lr: Union[Number, Sequence[Number]] = 1e-3,
               weight_decay: Union[Number, Sequence[Number]] = 0.0,
@@ -346,12 +364,12 @@ def lopt_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Seque
     statistics. ``inplace=True`` lets the fast path update the given parameters and
     accumulators in place (chunk by chunk, so memory beyond the state stays bounded); the
     returned tensors are then those same objects where that was possible. Never use it under
-    ``vmap`` or when the inputs must survive.
+    ``vmap`` or when the inputs must survive. ``weights`` is a name -> tensor dict with its
+    ``cfg`` (default ``ArchConfig()``), or a ``MetaNetwork``, which brings its own config.
     """
     from . import fast, reference
 
-    cfg = cfg or ArchConfig()
-    check_architecture(weights, cfg)
+    weights, cfg = resolve_weights(weights, cfg)
     if impl == "fast":
         backend = fast
     elif impl == "reference":

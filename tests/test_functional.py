@@ -1,5 +1,6 @@
 """The functional core: purity, vmap over populations, loss features."""
 
+import dataclasses
 import math
 
 import pytest
@@ -146,3 +147,20 @@ def test_weights_of_another_architecture_get_a_clear_error():
     with pytest.raises(ValueError, match="cfg=net.config"):
         lopt_step(w, p, [torch.randn(3, 2)], st)
     lopt_step(w, p, [torch.randn(3, 2)], st, cfg=net.config)  # and with it, it runs
+
+
+def test_a_network_brings_its_own_config():
+    # the default weights' architecture (absolute_snr) does not show in the tensors' shapes, so a
+    # dict with a wrong cfg of the right widths would run; a MetaNetwork cannot be misread
+    net, _ = load_weights()
+    w = {k: v.detach() for k, v in net.weights().items()}
+    p, g = [torch.randn(3, 2)], [torch.randn(3, 2)]
+    want, _ = lopt_step(w, p, g, init_state(w, p, net.config), loss=1.0, cfg=net.config)
+    with torch.no_grad():
+        got, _ = lopt_step(net, p, g, init_state(net, p), loss=1.0)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    wrong = dataclasses.replace(net.config, absolute_snr=False)  # same shapes, other updates
+    misread, _ = lopt_step(w, p, g, init_state(w, p, wrong), loss=1.0, cfg=wrong)
+    assert not torch.allclose(misread[0], want[0])
+    with pytest.raises(ValueError, match="differs from the network's own config"):
+        lopt_step(net, p, g, init_state(net, p), cfg=wrong)
