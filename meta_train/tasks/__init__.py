@@ -8,9 +8,9 @@ from .synthetic import LOGISTIC, QUADRATIC, TEACHER_STUDENT
 def _families():
     from .images import DIGITS_MLP
     from .language import MARKOV_LM
-    from .mnist1d import MNIST1D_CNN, MNIST1D_MLP, MNIST1D_WIDE
+    from .mnist1d import MNIST1D_CNN, MNIST1D_MLP, MNIST1D_SMALL_BATCH, MNIST1D_WIDE
     return {f.name: f for f in (QUADRATIC, TEACHER_STUDENT, LOGISTIC, MNIST1D_MLP, MNIST1D_WIDE,
-                                MNIST1D_CNN, DIGITS_MLP, MARKOV_LM)}
+                                MNIST1D_CNN, MNIST1D_SMALL_BATCH, DIGITS_MLP, MARKOV_LM)}
 
 
 def family_names():

@@ -89,6 +89,22 @@ def mnist1d_wide(seed: int) -> Task:
                             family="mnist1d_wide")
 
 
+def mnist1d_small_batch(seed: int) -> Task:
+    """The MLPs of ``mnist1d_mlp`` (1-3 hidden layers) with mini-batches of 8 or 16: noisy
+    gradients, which the other families (batches of 32 and more) do not show."""
+    g = generator(231, seed)
+    width = int(_choice(g, [16, 32, 64, 128]))
+    depth = int(_choice(g, [1, 2, 3]))
+    act = _choice(g, sorted(ACTIVATIONS))
+    bs = int(_choice(g, [8, 16]))
+    train, valid = _data()
+    return Task.from_module(f"mnist1d-small-batch-{act}-w{width}-d{depth}-b{bs}",
+                            lambda: mlp([40] + [width] * depth + [10], act),
+                            nn.functional.cross_entropy, train, valid, batch_size=bs,
+                            family="mnist1d_small_batch")
+
+
 MNIST1D_MLP = TaskFamily("mnist1d_mlp", mnist1d_mlp)
+MNIST1D_SMALL_BATCH = TaskFamily("mnist1d_small_batch", mnist1d_small_batch)
 MNIST1D_WIDE = TaskFamily("mnist1d_wide", mnist1d_wide)
 MNIST1D_CNN = TaskFamily("mnist1d_cnn", mnist1d_cnn)
