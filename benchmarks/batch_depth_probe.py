@@ -4,9 +4,9 @@
 is the held-out task every learned optimizer so far has lost to Adam at lr 1e-3. This probe
 trains the same MLP at other depths and batch sizes, with the same data, steps, seeds and
 measurement as ``compare.py`` (it reuses its ``run_one``), to tell depth from gradient noise.
-The meta-training families use batches of 32 and more (``mnist1d_small_batch``: 8 and 16) and
-at most 3 hidden layers, so the probe is not a held-out evaluation of its own: it is a
-diagnostic. Each weights file gets one column (loss passed to ``step``); Adam at 1e-3 and 3e-3
+The meta-training families use batches of 32 and more with at most 3 hidden layers, and
+``mnist1d_small_batch`` batches of 8 and 16 with 2-4, so the probe is not a held-out evaluation
+of its own: it is a diagnostic. Each weights file gets one column (loss passed to ``step``); Adam at 1e-3 and 3e-3
 are the baselines.
 
     python benchmarks/batch_depth_probe.py [--weights A,B] [--depths 2,3,5] [--batches 8,16,32,64]
