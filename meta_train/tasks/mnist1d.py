@@ -94,7 +94,7 @@ def mnist1d_small_batch(seed: int) -> Task:
     networks, which the other families (batches of 32 and more, at most 3 hidden layers) do not
     show. (The held-out deep GELU task of ``benchmarks/compare.py`` has 5 hidden layers.)"""
     g = generator(231, seed)
-    width = int(_choice(g, [16, 32, 64, 128]))
+    width = int(_choice(g, [16, 32, 64, 96]))  # at most 32,842 parameters
     depth = int(_choice(g, [2, 3, 4]))
     act = _choice(g, sorted(ACTIVATIONS))
     bs = int(_choice(g, [8, 16]))
