@@ -94,16 +94,16 @@ def save_weights(net: Union[MetaNetwork, Mapping[str, torch.Tensor]], path: Unio
     tensors = _tensors_of(net)
     _check_tensors(tensors, config, str(path))
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    reserved = sorted({"format", "format_version", "name", "config", "checksum"} & set(meta))
+    own = dict(format=FORMAT, format_version=FORMAT_VERSION, name=name, config=config.to_json(),
+               checksum=checksum(tensors))
+    reserved = sorted(own.keys() & meta.keys())
     if reserved:
         raise ValueError(f"metadata keys {reserved} are written by save_weights itself")
-    digest = checksum(tensors)
-    meta.update(format=FORMAT, format_version=FORMAT_VERSION, name=name,
-                config=config.to_json(), checksum=digest)
+    meta.update(own)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    return WeightsInfo(name, digest, config, str(path), meta)
+    return WeightsInfo(name, own["checksum"], config, str(path), meta)
 
 
 def _check_tensors(tensors: Mapping[str, torch.Tensor], config: ArchConfig, where: str) -> None:

@@ -50,17 +50,22 @@ def _data():
     return (xtr[:3500], ytr[:3500]), (xtr[3500:], ytr[3500:])
 
 
-def mnist1d_mlp(seed: int) -> Task:
-    g = generator(201, seed)
-    width = int(_choice(g, [16, 32, 64, 128]))
-    depth = int(_choice(g, [1, 2, 3]))
+def _mlp_task(seed: int, key: int, family: str, widths, depths, batches) -> Task:
+    """An MLP classifier of MNIST-1D: width, depth, activation and batch size drawn in that
+    order from the given choices with the family's generator ``key``."""
+    g = generator(key, seed)
+    width = int(_choice(g, widths))
+    depth = int(_choice(g, depths))
     act = _choice(g, sorted(ACTIVATIONS))
-    bs = int(_choice(g, [32, 64, 128, 256]))
+    bs = int(_choice(g, batches))
     train, valid = _data()
-    return Task.from_module(f"mnist1d-mlp-{act}-w{width}-d{depth}-b{bs}",
+    return Task.from_module(f"{family.replace('_', '-')}-{act}-w{width}-d{depth}-b{bs}",
                             lambda: mlp([40] + [width] * depth + [10], act),
-                            nn.functional.cross_entropy, train, valid, batch_size=bs,
-                            family="mnist1d_mlp")
+                            nn.functional.cross_entropy, train, valid, batch_size=bs, family=family)
+
+
+def mnist1d_mlp(seed: int) -> Task:
+    return _mlp_task(seed, 201, "mnist1d_mlp", [16, 32, 64, 128], [1, 2, 3], [32, 64, 128, 256])
 
 
 def mnist1d_cnn(seed: int) -> Task:
@@ -92,17 +97,9 @@ def mnist1d_wide(seed: int) -> Task:
 def mnist1d_small_batch(seed: int) -> Task:
     """MLPs of 2-4 hidden layers with mini-batches of 8 or 16: noisy gradients in deeper
     networks, which the other families (batches of 32 and more, at most 3 hidden layers) do not
-    show. (The held-out deep GELU task of ``benchmarks/compare.py`` has 5 hidden layers.)"""
-    g = generator(231, seed)
-    width = int(_choice(g, [16, 32, 64, 96]))  # at most 32,842 parameters
-    depth = int(_choice(g, [2, 3, 4]))
-    act = _choice(g, sorted(ACTIVATIONS))
-    bs = int(_choice(g, [8, 16]))
-    train, valid = _data()
-    return Task.from_module(f"mnist1d-small-batch-{act}-w{width}-d{depth}-b{bs}",
-                            lambda: mlp([40] + [width] * depth + [10], act),
-                            nn.functional.cross_entropy, train, valid, batch_size=bs,
-                            family="mnist1d_small_batch")
+    show. (The held-out deep GELU task of ``benchmarks/compare.py`` has 5 hidden layers.) At most
+    32,842 parameters."""
+    return _mlp_task(seed, 231, "mnist1d_small_batch", [16, 32, 64, 96], [2, 3, 4], [8, 16])
 
 
 MNIST1D_MLP = TaskFamily("mnist1d_mlp", mnist1d_mlp)
