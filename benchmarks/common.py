@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -56,3 +57,15 @@ def parallel_map(fn: Callable, items: Iterable[Sequence], jobs: int = 1, threads
     pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                                                   initializer=torch.set_num_threads, initargs=(threads,))
     return pool.map(_star, [(fn, item) for item in items])
+
+
+@contextlib.contextmanager
+def wrapped(module, name: str, wrap: Callable[[Callable], Callable]):
+    """Within the block ``module.name`` is ``wrap(original)``; the original is put back after.
+    For probes that look inside, or change, one function of the optimizer."""
+    original = getattr(module, name)
+    setattr(module, name, wrap(original))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)

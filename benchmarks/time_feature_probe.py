@@ -28,21 +28,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from common import write_result  # noqa: E402
+from common import wrapped, write_result  # noqa: E402
 from compare import run_one  # noqa: E402
 
 from learned_opt import functional  # noqa: E402
 
 
-@contextlib.contextmanager
 def step_features_held_at(cap: float):
     """Within the block the step sinusoids see min(step, cap); everything else sees the step."""
-    original = functional.step_sinusoids
-    functional.step_sinusoids = lambda step, dtype: original(step.clamp(max=cap), dtype)
-    try:
-        yield
-    finally:
-        functional.step_sinusoids = original
+    return wrapped(functional, "step_sinusoids",
+                   lambda original: lambda step, dtype: original(step.clamp(max=cap), dtype))
 
 
 def main(argv=None):

@@ -161,6 +161,30 @@ class MetaNetwork(nn.Module):
         return self._with_zero_rows(dataclasses.replace(self.config, snr_stats=True), "lstm_w",
                                     self.config.n_lstm_stats)
 
+    def with_magnitude_rate(self, rate: float) -> "MetaNetwork":
+        """This network with the step's magnitude path at ``rate``
+        (``update = lr * d * exp(rate * mag)``, ``ArchConfig.magnitude_rate``), and the weights
+        that produce ``mag`` divided by ``rate / old rate``: exactly the same updates, but a
+        change of those weights now moves the step's log-size ``rate / old rate`` times as much.
+        At the reference's rate of 0.001 the default weights' magnitude output moves the step
+        by at most 0.03% (5-95% range over a run, ``benchmarks/magnitude_probe.py``), so
+        meta-training has, in effect, no way to scale a step multiplicatively; a larger rate
+        gives it one. Returns ``self`` at the same
+        rate."""
+        rate = float(rate)
+        if not (rate > 0 and rate < float("inf")):
+            raise ValueError(f"magnitude rate must be positive and finite, got {rate}")
+        if rate == self.config.magnitude_rate:
+            return self
+        ratio = self.config.magnitude_rate / rate
+        net = MetaNetwork(dataclasses.replace(self.config, magnitude_rate=rate))
+        net.load_state_dict(self.state_dict())
+        last = self.config.mlp_layers
+        with torch.no_grad():  # column 1 of the last layer is the magnitude output
+            getattr(net, f"mlp_w{last}")[:, 1] *= ratio
+            getattr(net, f"mlp_b{last}")[1] *= ratio
+        return net
+
     def _with_zero_rows(self, cfg: ArchConfig, name: str, at: int) -> "MetaNetwork":
         """A network of ``cfg`` holding this one's weights, where ``cfg`` gives the input matrix
         ``name`` more rows, inserted at row ``at`` and left at zero."""

@@ -31,6 +31,10 @@ def _add_train_args(ap):
     ap.add_argument("--dual-snr", action="store_true",
                     help="train the architecture whose MLP sees m/sqrt(v) both scaled and unscaled "
                          "(ArchConfig.dual_snr); starting weights without the unscaled inputs get them at zero weight")
+    ap.add_argument("--magnitude-rate", type=float, default=d.magnitude_rate,
+                    help="rate of the step's magnitude path, update = lr * d * exp(rate * mag) "
+                         "(ArchConfig.magnitude_rate); starting weights at another rate are rescaled to "
+                         "give the same updates. 0: the starting weights' own")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--ema", type=float, default=d.ema,

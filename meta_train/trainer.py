@@ -54,6 +54,10 @@ class MetaTrainConfig:
     snr_stats: bool = False  # the architecture with the signal-to-noise LSTM inputs (ArchConfig)
     absolute_snr: bool = False  # the architecture with unscaled m/sqrt(v) MLP columns (ArchConfig)
     dual_snr: bool = False  # the architecture with both scaled and unscaled m/sqrt(v) columns (ArchConfig)
+    # rate of the step's magnitude path (ArchConfig.magnitude_rate); 0: the starting weights' own.
+    # Starting weights at another rate are rescaled to give the same updates
+    # (MetaNetwork.with_magnitude_rate).
+    magnitude_rate: float = 0.0
     seed: int = 0
     checkpoint_every: int = 10
     # decay of an exponential moving average of theta, written beside the weights as
@@ -86,16 +90,22 @@ class MetaTrainConfig:
             raise ValueError("min_horizon must be <= max_horizon")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not (0.0 <= self.magnitude_rate < float("inf")):
+            raise ValueError(f"magnitude_rate must be >= 0 and finite (0: the starting weights' own), "
+                             f"got {self.magnitude_rate}")
 
 
 def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False,
-                  dual_snr: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
+                  dual_snr: bool = False, magnitude_rate: float = 0.0) -> Tuple[Dict[str, Tensor], ArchConfig]:
     """The starting weights and their architecture. With ``snr_stats`` or ``dual_snr``, weights
     without those inputs get them at zero weight (the same updates as the weights given); with
     ``absolute_snr``, the weights move to the architecture with unscaled m/sqrt(v) columns.
-    Weights that have one of these cannot start a run that leaves it out."""
+    Weights that have one of these cannot start a run that leaves it out. A positive
+    ``magnitude_rate`` moves the weights to that rate with the same updates."""
     if init == "random":
-        net = MetaNetwork.random(ArchConfig(snr_stats=snr_stats, absolute_snr=absolute_snr, dual_snr=dual_snr))
+        rate = {"magnitude_rate": magnitude_rate} if magnitude_rate else {}
+        net = MetaNetwork.random(ArchConfig(snr_stats=snr_stats, absolute_snr=absolute_snr, dual_snr=dual_snr,
+                                            **rate))
     else:
         net = load_weights(init)[0]
         for flag, wanted, move in (("snr-stats", snr_stats, MetaNetwork.with_snr_stats),
@@ -105,6 +115,8 @@ def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False
                 net = move(net)
             elif getattr(net.config, flag.replace("-", "_")):
                 raise ValueError(f"the starting weights {init!r} are on the {flag} architecture: pass --{flag}")
+        if magnitude_rate:
+            net = net.with_magnitude_rate(magnitude_rate)
     return {k: v.detach().clone() for k, v in net.weights().items()}, net.config
 
 
@@ -129,7 +141,7 @@ class MetaTrainer:
         self.progress = progress and rank == 0
         self.family = get_family(config.family, config.scale_augment)
         self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats, config.absolute_snr,
-                                                    config.dual_snr)
+                                                    config.dual_snr, config.magnitude_rate)
         self.names = list(self.theta)
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]

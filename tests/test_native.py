@@ -49,11 +49,12 @@ def _step(w, ps, grads, st, loss, impl, inplace, native_on, monkeypatch, cfg=Non
         return lopt_step(w, ps, grads, st, loss=loss, impl=impl, inplace=inplace, chunk_size=1000, cfg=cfg)
 
 
-@pytest.mark.parametrize("which", ["default", "random", "random-dual-snr"])
+@pytest.mark.parametrize("which", ["default", "random", "random-dual-snr", "random-magnitude-rate"])
 def test_kernel_step_equals_torch_path_and_reference_along_a_trajectory(which, monkeypatch):
     _kernel()
     net = {"default": lambda: load_weights()[0], "random": random_weights,
-           "random-dual-snr": lambda: random_weights(config=ArchConfig(dual_snr=True))}[which]()
+           "random-dual-snr": lambda: random_weights(config=ArchConfig(dual_snr=True)),
+           "random-magnitude-rate": lambda: random_weights(config=ArchConfig(magnitude_rate=0.5))}[which]()
     w = {k: v.detach() for k, v in net.weights().items()}
     ps, targets, scales = _problem()
     cfg = net.config
