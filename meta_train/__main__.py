@@ -49,6 +49,9 @@ def _add_train_args(ap):
     ap.add_argument("--valid-every", type=int, default=u.valid_every)
     ap.add_argument("--loss-prob", type=float, default=u.loss_prob,
                     help="chance that a truncation passes the training loss to the optimizer")
+    ap.add_argument("--late-weight", type=float, default=u.late_weight,
+                    help="weight inner step t's loss by (P+1) * (t/horizon)^P in the meta-loss: 0 (default) "
+                         "weighs every step alike, larger P moves the objective towards the final loss")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ap.add_argument("--workers", type=int, default=1, help="local worker processes (gloo)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")

@@ -49,6 +49,18 @@ class UnrollSettings:
     loss_transform: str = "log"  # "log" or "none": what is averaged over the unroll
     valid_every: int = 10  # feed a validation loss to the optimizer every k inner steps (0: never)
     loss_prob: float = 0.8  # chance a truncation passes the training loss to the optimizer
+    # weight of inner step t's loss in the meta-loss, (P + 1) * ((t + 1) / horizon) ** P: 0 gives
+    # every step the same weight (the area under the loss curve); larger P moves the objective
+    # towards the loss at the end of the run, which is what a user of the optimizer sees.
+    # The weights average about 1 over a horizon.
+    late_weight: float = 0.0
+
+
+def step_weight(s: UnrollSettings, t: int, horizon: int) -> float:
+    """The meta-loss weight of inner step ``t`` (from 0) of a run of ``horizon`` steps."""
+    if not s.late_weight:
+        return 1.0
+    return (s.late_weight + 1.0) * min(1.0, (t + 1) / horizon) ** s.late_weight
 
 
 def sample_horizon(s: UnrollSettings, *seed: int) -> int:
@@ -129,8 +141,9 @@ class Group:
 
     def unroll(self, member_weights: Dict[str, Tensor], pass_loss: bool):
         """Run one truncation with the stacked weights of the 2*pairs members (order: pair 0
-        +, pair 0 -, pair 1 +, ...). Returns per-member meta-losses (2*pairs,) and the number
-        of inner steps run."""
+        +, pair 0 -, pair 1 +, ...). Returns per-member meta-losses (2*pairs,), each the mean
+        over the truncation's steps of the (transformed) loss times ``step_weight``, and
+        whether each member's parameters stayed finite."""
         f = self._functions()
         expand = torch.arange(self.pairs).repeat_interleave(2)
         params = self.params if self.per_member else take(self.params, expand)
@@ -150,7 +163,7 @@ class Group:
                 if self.s.valid_every and (t + 1) % self.s.valid_every == 0:
                     lstate = f["observe"](lstate, vloss)
             meta = vloss if self.s.meta_loss == "valid" else loss
-            total += transform(meta.detach().to(torch.float64))
+            total += step_weight(self.s, t, self.horizon) * transform(meta.detach().to(torch.float64))
         self.step += K
         finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in params.values()]).all(0)
         keep = slice(None) if self.per_member else slice(0, None, 2)

@@ -88,6 +88,8 @@ class MetaTrainConfig:
             raise ValueError("loss_transform must be 'log' or 'none'")
         if not (self.unroll.min_horizon <= self.unroll.max_horizon):
             raise ValueError("min_horizon must be <= max_horizon")
+        if not (0.0 <= self.unroll.late_weight < float("inf")):
+            raise ValueError(f"late_weight must be >= 0 and finite, got {self.unroll.late_weight}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if not (0.0 <= self.magnitude_rate < float("inf")):

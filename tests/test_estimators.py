@@ -91,3 +91,32 @@ def test_members_of_a_pair_share_data_and_randomness():
         # with equal weights the two members of each pair compute exactly the same thing
         assert torch.equal(meta[0::2], meta[1::2])
         assert len(set(meta[0::2].tolist())) == 3
+
+
+def test_late_weight_weighs_each_step_of_a_truncation():
+    from meta_train.population import step_weight
+    fam = get_family("teacher_student")
+    w = {k: v.detach() for k, v in MetaNetwork.random(seed=1).weights().items()}
+    members = {k: v.unsqueeze(0).repeat(4, *([1] * v.dim())) for k, v in w.items()}
+
+    def group(unroll, late):
+        g = Group(fam, UnrollSettings(unroll=unroll, min_horizon=10, max_horizon=10, late_weight=late),
+                  ArchConfig(), run_seed=0, index=0, pairs=2, per_member=True)
+        g.horizon = 10  # a run's first horizon is cut at random; here both run the whole of it
+        return g
+
+    # the per-step meta-losses, one truncation of one step at a time, weighed by hand
+    one = group(1, 0.0)
+    H = one.horizon
+    per_step = torch.stack([one.unroll(members, pass_loss=True)[0] for _ in range(6)])
+    s = UnrollSettings(late_weight=2.0)
+    weights = torch.tensor([3.0 * ((t + 1) / H) ** 2 for t in range(6)], dtype=torch.float64)
+    assert [step_weight(s, t, H) for t in range(6)] == weights.tolist()
+    assert step_weight(UnrollSettings(), 5, H) == 1.0
+    three = group(3, 2.0)
+    for k in range(2):  # two truncations of three steps
+        meta, _ = three.unroll(members, pass_loss=True)
+        rows = slice(3 * k, 3 * k + 3)
+        torch.testing.assert_close(meta, (weights[rows, None] * per_step[rows]).mean(0), rtol=1e-12, atol=1e-12)
+    # late steps count more than early ones
+    assert weights[-1] > 1.0 > weights[0]
