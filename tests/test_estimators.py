@@ -1,5 +1,6 @@
 """ES and PES estimates agree with known gradients; antithetic pairs share data."""
 
+import pytest
 import torch
 
 from learned_opt import ArchConfig, MetaNetwork
@@ -120,3 +121,7 @@ def test_late_weight_weighs_each_step_of_a_truncation():
         torch.testing.assert_close(meta, (weights[rows, None] * per_step[rows]).mean(0), rtol=1e-12, atol=1e-12)
     # late steps count more than early ones
     assert weights[-1] > 1.0 > weights[0]
+    from meta_train.trainer import MetaTrainConfig
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="late_weight"):
+            MetaTrainConfig(unroll=UnrollSettings(late_weight=bad)).validate()
