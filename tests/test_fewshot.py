@@ -337,6 +337,13 @@ def _fake_archive(path, name, alphabets=2, chars=2):
                     z.writestr(f"{name}/Alpha{a}/character{c + 1:02d}/{d:04d}_{c:02d}.png", buf.getvalue())
 
 
+def test_omniglot_without_pillow_says_what_to_install(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "PIL" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install 'learned_opt\\[data\\]'"):
+        load_omniglot(str(tmp_path))
+
+
 def test_omniglot_loader_errors_and_layout(tmp_path):
     pytest.importorskip("PIL")
     with pytest.raises(OmniglotError, match="not a folder"):

@@ -7,6 +7,7 @@ episodes and an evaluation is repeatable.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import math
 import os
@@ -132,10 +133,8 @@ def load_omniglot(root: str, size: int = 28, cache_dir: Optional[str] = None) ->
     standard split: background alphabets sorted by name, then evaluation alphabets, characters
     in folder order. Cached (keyed by the archives' names, sizes and times) after the first
     load in ``cache_dir`` (default ``~/.cache/learned_opt``)."""
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
-        raise ImportError("Omniglot needs pillow: pip install 'learned_opt[data]'") from None
+    if importlib.util.find_spec("PIL") is None:  # check before reading anything
+        raise ImportError("Omniglot needs pillow: pip install 'learned_opt[data]'")
     srcs = _open_sources(root)
     ident = []
     for name in ARCHIVES:
