@@ -169,15 +169,13 @@ class MetaNetwork(nn.Module):
         At the reference's rate of 0.001 the default weights' magnitude output moves the step
         by at most 0.03% (5-95% range over a run, ``benchmarks/magnitude_probe.py``), so
         meta-training has, in effect, no way to scale a step multiplicatively; a larger rate
-        gives it one. Returns ``self`` at the same
-        rate."""
+        gives it one. Returns ``self`` at the same rate; ``ArchConfig`` refuses a rate that is
+        not positive and finite."""
         rate = float(rate)
-        if not (rate > 0 and rate < float("inf")):
-            raise ValueError(f"magnitude rate must be positive and finite, got {rate}")
         if rate == self.config.magnitude_rate:
             return self
-        ratio = self.config.magnitude_rate / rate
         net = MetaNetwork(dataclasses.replace(self.config, magnitude_rate=rate))
+        ratio = self.config.magnitude_rate / rate
         net.load_state_dict(self.state_dict())
         last = self.config.mlp_layers
         with torch.no_grad():  # column 1 of the last layer is the magnitude output
