@@ -52,6 +52,13 @@ def _add_train_args(ap):
     ap.add_argument("--late-weight", type=float, default=u.late_weight,
                     help="weight inner step t's loss by (P+1) * (t/horizon)^P in the meta-loss: 0 (default) "
                          "weighs every step alike, larger P moves the objective towards the final loss")
+    ap.add_argument("--versus-adam", type=float, default=u.versus_adam, metavar="K",
+                    help="run Adam beside the members and count each inner step as "
+                         "softplus(K (log L - log L_Adam + margin)) / K: steps where the learned optimizer "
+                         "is far ahead of Adam count little (0, default: plain log L)")
+    ap.add_argument("--adam-lr", type=float, default=u.adam_lr, help="lr of the Adam runs of --versus-adam")
+    ap.add_argument("--adam-margin", type=float, default=u.adam_margin,
+                    help="log of the lead over Adam where --versus-adam's hinge turns")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     ap.add_argument("--workers", type=int, default=1, help="local worker processes (gloo)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")

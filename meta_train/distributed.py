@@ -33,7 +33,8 @@ def config_from_args(args):
                               max_horizon=args.max_horizon, inner_lr=args.inner_lr,
                               meta_loss=args.meta_loss, loss_transform=args.loss_transform,
                               valid_every=args.valid_every, loss_prob=args.loss_prob,
-                              late_weight=args.late_weight))
+                              late_weight=args.late_weight, versus_adam=args.versus_adam,
+                              adam_lr=args.adam_lr, adam_margin=args.adam_margin))
 
 
 def worker(rank, world, args, port):

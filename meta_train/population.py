@@ -54,6 +54,37 @@ class UnrollSettings:
     # towards the loss at the end of the run, which is what a user of the optimizer sees.
     # The weights average about 1 over a horizon.
     late_weight: float = 0.0
+    # Measure each inner step against Adam (lr ``adam_lr``) run beside the members from the
+    # same initialisation on the same batches: with sharpness k = ``versus_adam`` > 0, step t
+    # adds softplus(k * (log L_t - log A_t + adam_margin)) / k instead of log L_t. Where the
+    # learned optimizer is far ahead of Adam a step counts little; where it trails, about as
+    # much as log L_t. The objective leans towards the tasks (and the parts of a run) where
+    # Adam wins, which a plain average over a task mix lets the easy wins outvote. Any additive
+    # per-task baseline would cancel in the antithetic difference; this one does not, since it
+    # enters through a non-linear function. Needs loss_transform "log" and meta_loss "train".
+    versus_adam: float = 0.0
+    adam_lr: float = 1e-3
+    adam_margin: float = 0.0  # log of the lead over Adam where the hinge turns (0.1: about 10%)
+
+
+def versus_adam_transform(log_loss: Tensor, log_adam: Tensor, k: float, margin: float) -> Tensor:
+    """softplus(k (log L - log A + margin)) / k, elementwise (stable for large arguments)."""
+    return torch.nn.functional.softplus(k * (log_loss - log_adam + margin)) / k
+
+
+def adam_update(params: Dict[str, Tensor], grads: Dict[str, Tensor], m: Dict[str, Tensor],
+                v: Dict[str, Tensor], t: int, lr: float, b1: float = 0.9, b2: float = 0.999,
+                eps: float = 1e-8):
+    """One step of plain Adam (bias-corrected, ``t`` counted from 1) on dicts of tensors, as
+    ``torch.optim.Adam`` with its defaults does it. Returns new (params, m, v)."""
+    new_p, new_m, new_v = {}, {}, {}
+    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+    for k, p in params.items():
+        g = grads[k]
+        new_m[k] = b1 * m[k] + (1 - b1) * g
+        new_v[k] = b2 * v[k] + (1 - b2) * g * g
+        new_p[k] = p - lr * (new_m[k] / c1) / ((new_v[k] / c2).sqrt() + eps)
+    return new_p, new_m, new_v
 
 
 def step_weight(s: UnrollSettings, t: int, horizon: int) -> float:
@@ -105,6 +136,14 @@ class Group:
             params = take(params, torch.arange(self.pairs).repeat_interleave(2))
         self.params: Dict[str, Tensor] = params
         self.lstate: Optional[LOptState] = None  # made from each member's weights at first use
+        self.last_gap: Optional[Tensor] = None
+        # Adam beside the members (UnrollSettings.versus_adam): one run per pair, its params
+        # and moments
+        self.adam: Optional[Dict[str, Dict[str, Tensor]]] = None
+        if self.s.versus_adam:
+            first = stack(inits)
+            self.adam = {"params": first, "m": tree_map(torch.zeros_like, first),
+                         "v": tree_map(torch.zeros_like, first)}
         self.resets += 1
 
     @property
@@ -131,13 +170,25 @@ class Group:
                 "loss": vmap(task.loss),
                 "observe": vmap(lambda s, v: observe_validation_loss(s, v, cfg)),
                 "init": vmap(lambda w, p: init_state(w, [p[k] for k in names], cfg)),
+                "grad": grad_fn,
             }
         return self._fns
 
+    def _pair_batches(self, split: str, step: int):
+        return stack([self.task.batch(split, seed, step) for seed in self.data_seeds])
+
     def _batches(self, split: str, step: int):
-        per_pair = [self.task.batch(split, seed, step) for seed in self.data_seeds]
-        b = stack(per_pair)
+        b = self._pair_batches(split, step)
         return tree_map(lambda x: x.repeat_interleave(2, dim=0), b)  # member 2j, 2j+1 <- pair j
+
+    def _adam_step(self, t: int) -> Tensor:
+        """Advance the Adam runs by inner step ``t`` (from 0) on the pairs' training batches;
+        returns their losses before the step, (pairs,)."""
+        a = self.adam
+        grads, loss = self._functions()["grad"](a["params"], self._pair_batches("train", t))
+        with torch.no_grad():
+            a["params"], a["m"], a["v"] = adam_update(a["params"], grads, a["m"], a["v"], t + 1, self.s.adam_lr)
+        return loss.detach()
 
     def unroll(self, member_weights: Dict[str, Tensor], pass_loss: bool):
         """Run one truncation with the stacked weights of the 2*pairs members (order: pair 0
@@ -153,6 +204,7 @@ class Group:
             lstate = self.lstate if self.per_member else take(self.lstate, expand)
         transform = torch.log if self.s.loss_transform == "log" else (lambda x: x)
         total = torch.zeros(2 * self.pairs, dtype=torch.float64)
+        gap = torch.zeros(2 * self.pairs, dtype=torch.float64)
         K = self.s.unroll
         for k in range(K):
             t = self.step + k
@@ -163,8 +215,15 @@ class Group:
                 if self.s.valid_every and (t + 1) % self.s.valid_every == 0:
                     lstate = f["observe"](lstate, vloss)
             meta = vloss if self.s.meta_loss == "valid" else loss
-            total += step_weight(self.s, t, self.horizon) * transform(meta.detach().to(torch.float64))
+            value = transform(meta.detach().to(torch.float64))
+            if self.adam is not None:
+                log_adam = torch.log(self._adam_step(t).to(torch.float64)).repeat_interleave(2)
+                gap += value - log_adam
+                value = versus_adam_transform(value, log_adam, self.s.versus_adam, self.s.adam_margin)
+            total += step_weight(self.s, t, self.horizon) * value
         self.step += K
+        # mean over the truncation of log L - log A, per member (nan without Adam)
+        self.last_gap = gap / K if self.adam is not None else None
         finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in params.values()]).all(0)
         keep = slice(None) if self.per_member else slice(0, None, 2)
         self.params = take(params, torch.arange(params[self.names[0]].shape[0])[keep])
@@ -178,7 +237,8 @@ class Group:
         if self.lstate is not None:
             ls = {"glob": list(self.lstate.glob), "tensors": [list(t) for t in self.lstate.tensors]}
         return {"resets": self.resets, "step": self.step, "horizon": self.horizon,
-                "params": dict(self.params), "lstate": ls}
+                "params": dict(self.params), "lstate": ls,
+                "adam": None if self.adam is None else {k: dict(v) for k, v in self.adam.items()}}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         self.resets = sd["resets"] - 1
@@ -188,3 +248,7 @@ class Group:
         ls = sd["lstate"]
         self.lstate = None if ls is None else LOptState(
             GlobalState(*ls["glob"]), [TensorState(*t) for t in ls["tensors"]])
+        if self.adam is not None:
+            if sd.get("adam") is None:
+                raise RuntimeError("the checkpoint holds no Adam runs, which versus_adam needs")
+            self.adam = {k: dict(v) for k, v in sd["adam"].items()}

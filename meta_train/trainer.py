@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -90,6 +91,16 @@ class MetaTrainConfig:
             raise ValueError("min_horizon must be <= max_horizon")
         if not (0.0 <= self.unroll.late_weight < float("inf")):
             raise ValueError(f"late_weight must be >= 0 and finite, got {self.unroll.late_weight}")
+        u = self.unroll
+        if not (0.0 <= u.versus_adam < float("inf")):
+            raise ValueError(f"versus_adam must be >= 0 and finite, got {u.versus_adam}")
+        if u.versus_adam:
+            if u.loss_transform != "log" or u.meta_loss != "train":
+                raise ValueError("versus_adam compares log training losses: it needs loss_transform 'log' "
+                                 "and meta_loss 'train'")
+            if not (0.0 < u.adam_lr < float("inf")) or not math.isfinite(u.adam_margin):
+                raise ValueError(f"adam_lr must be positive and finite and adam_margin finite, "
+                                 f"got {u.adam_lr}, {u.adam_margin}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if not (0.0 <= self.magnitude_rate < float("inf")):
@@ -211,6 +222,7 @@ class MetaTrainer:
         resets = torch.zeros(c.groups, dtype=torch.float64)
         nonfinite_members = torch.zeros((), dtype=torch.float64)
         inner_steps = torch.zeros((), dtype=torch.float64)
+        gap = torch.zeros(2, dtype=torch.float64)  # sum over finite members of log L - log Adam, count
         for g in self.my_groups:
             grp = self.groups[g]
             zj = z[g * P:(g + 1) * P]
@@ -223,15 +235,20 @@ class MetaTrainer:
             losses[g * P:(g + 1) * P] = torch.where(torch.isfinite(meta), meta, 0.0).view(P, 2)
             finite[g * P:(g + 1) * P] = ok.to(torch.float64)
             nonfinite_members += (~torch.isfinite(meta)).sum() + (~params_ok).sum()
+            if grp.last_gap is not None:
+                keep = torch.isfinite(grp.last_gap)
+                gap += torch.stack([grp.last_gap[keep].sum(), keep.sum().to(torch.float64)])
             if grp.done or not bool(params_ok.all()):
                 resets[g] = 1.0
         if self.world > 1:
-            packed = torch.cat([losses.flatten(), finite, resets, nonfinite_members.view(1), inner_steps.view(1)])
+            packed = torch.cat([losses.flatten(), finite, resets, gap, nonfinite_members.view(1),
+                                inner_steps.view(1)])
             dist.all_reduce(packed)
             n = c.pairs * 2
             losses = packed[:n].view(c.pairs, 2)
             finite = packed[n:n + c.pairs]
             resets = packed[n + c.pairs:n + c.pairs + c.groups]
+            gap = packed[n + c.pairs + c.groups:n + c.pairs + c.groups + 2]
             nonfinite_members, inner_steps = packed[-2], packed[-1]
 
         # the estimate (identical on every worker)
@@ -252,10 +269,13 @@ class MetaTrainer:
                     self.pes.reset(slice(g * P, (g + 1) * P))
         self.step += 1
         dt = time.perf_counter() - t0
-        return {"step": self.step, "meta_loss": meta_loss, "grad_norm": float(grad_vec.norm()),
-                "estimator_var": est_var, "nonfinite_pairs": int(c.pairs - n_ok),
-                "nonfinite_members": int(nonfinite_members), "resets": int(resets.sum()),
-                "time": dt, "inner_steps_per_s": float(inner_steps) / dt}
+        rec = {"step": self.step, "meta_loss": meta_loss, "grad_norm": float(grad_vec.norm()),
+               "estimator_var": est_var, "nonfinite_pairs": int(c.pairs - n_ok),
+               "nonfinite_members": int(nonfinite_members), "resets": int(resets.sum()),
+               "time": dt, "inner_steps_per_s": float(inner_steps) / dt}
+        if c.unroll.versus_adam:  # mean log(L / L_Adam) over the truncation's steps and members
+            rec["log_gap_vs_adam"] = float(gap[0] / gap[1]) if gap[1] > 0 else float("nan")
+        return rec
 
     # ------------------------------------------------------------------ loop
     def run(self, steps: Optional[int] = None) -> None:
