@@ -193,8 +193,9 @@ class Group:
     def unroll(self, member_weights: Dict[str, Tensor], pass_loss: bool):
         """Run one truncation with the stacked weights of the 2*pairs members (order: pair 0
         +, pair 0 -, pair 1 +, ...). Returns per-member meta-losses (2*pairs,), each the mean
-        over the truncation's steps of the (transformed) loss times ``step_weight``, and
-        whether each member's parameters stayed finite."""
+        over the truncation's steps of the (transformed) loss, or with ``versus_adam`` of its
+        hinge against the Adam runs' log loss, times ``step_weight``; and whether each member's
+        parameters stayed finite."""
         f = self._functions()
         expand = torch.arange(self.pairs).repeat_interleave(2)
         params = self.params if self.per_member else take(self.params, expand)
@@ -222,7 +223,7 @@ class Group:
                 value = versus_adam_transform(value, log_adam, self.s.versus_adam, self.s.adam_margin)
             total += step_weight(self.s, t, self.horizon) * value
         self.step += K
-        # mean over the truncation of log L - log A, per member (nan without Adam)
+        # mean over the truncation of log L - log A, per member (None without Adam runs)
         self.last_gap = gap / K if self.adam is not None else None
         finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in params.values()]).all(0)
         keep = slice(None) if self.per_member else slice(0, None, 2)
