@@ -177,15 +177,18 @@ class Group:
     def _pair_batches(self, split: str, step: int):
         return stack([self.task.batch(split, seed, step) for seed in self.data_seeds])
 
-    def _batches(self, split: str, step: int):
-        b = self._pair_batches(split, step)
-        return tree_map(lambda x: x.repeat_interleave(2, dim=0), b)  # member 2j, 2j+1 <- pair j
+    @staticmethod
+    def _to_members(pair_batch):
+        return tree_map(lambda x: x.repeat_interleave(2, dim=0), pair_batch)  # member 2j, 2j+1 <- pair j
 
-    def _adam_step(self, t: int) -> Tensor:
-        """Advance the Adam runs by inner step ``t`` (from 0) on the pairs' training batches;
-        returns their losses before the step, (pairs,)."""
+    def _batches(self, split: str, step: int):
+        return self._to_members(self._pair_batches(split, step))
+
+    def _adam_step(self, t: int, pair_batch) -> Tensor:
+        """Advance the Adam runs by inner step ``t`` (from 0) on the pairs' training batches
+        ``pair_batch``; returns their losses before the step, (pairs,)."""
         a = self.adam
-        grads, loss = self._functions()["grad"](a["params"], self._pair_batches("train", t))
+        grads, loss = self._functions()["grad"](a["params"], pair_batch)
         with torch.no_grad():
             a["params"], a["m"], a["v"] = adam_update(a["params"], grads, a["m"], a["v"], t + 1, self.s.adam_lr)
         return loss.detach()
@@ -209,7 +212,8 @@ class Group:
         K = self.s.unroll
         for k in range(K):
             t = self.step + k
-            params, lstate, loss = f[pass_loss](member_weights, params, lstate, self._batches("train", t))
+            pair_batch = self._pair_batches("train", t)  # made once for the members and Adam
+            params, lstate, loss = f[pass_loss](member_weights, params, lstate, self._to_members(pair_batch))
             need_valid = self.s.meta_loss == "valid" or (self.s.valid_every and (t + 1) % self.s.valid_every == 0)
             if need_valid:
                 vloss = f["loss"](params, self._batches("valid", t))
@@ -218,7 +222,7 @@ class Group:
             meta = vloss if self.s.meta_loss == "valid" else loss
             value = transform(meta.detach().to(torch.float64))
             if self.adam is not None:
-                log_adam = torch.log(self._adam_step(t).to(torch.float64)).repeat_interleave(2)
+                log_adam = torch.log(self._adam_step(t, pair_batch).to(torch.float64)).repeat_interleave(2)
                 gap += value - log_adam
                 value = versus_adam_transform(value, log_adam, self.s.versus_adam, self.s.adam_margin)
             total += step_weight(self.s, t, self.horizon) * value
