@@ -255,7 +255,8 @@ def test_a_dying_worker_fails_the_run_and_resume_recovers(tmp_path):
     assert steps == list(range(1, done + 3))
 
 
-@pytest.mark.parametrize("name", ["mnist1d_mlp", "mnist1d_wide", "mnist1d_cnn", "mnist1d_small_batch", "teacher_student",
+@pytest.mark.parametrize("name", ["mnist1d_mlp", "mnist1d_wide", "mnist1d_cnn", "mnist1d_small_batch", "deep_classifier",
+                                  "teacher_student",
                                   "logistic_regression", "markov_lm", "quadratic"])
 def test_built_in_families_give_finite_losses_within_their_size(name):
     """Each family used for the shipped weights samples tasks with a finite loss and a gradient,
@@ -273,3 +274,23 @@ def test_built_in_families_give_finite_losses_within_their_size(name):
             grads = torch.autograd.grad(loss, list(params.values()))
             assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads), task.name
     assert biggest <= LARGEST_META_TRAINING_TASK, (name, biggest)
+
+
+def test_deep_classifier_is_reproducible_and_apart_from_the_held_out_deep_task():
+    """The family's tasks are a function of the seed (data included), their labels use several
+    classes, and no task shares depth, width or batch size with compare.py's deep GELU task
+    (5 hidden layers of 64, batch 16), which must stay held out."""
+    fam = get_family("deep_classifier")
+    for seed in range(30):
+        a, b = fam.sample(seed), fam.sample(seed)
+        xa, ya = a.batch("train", 3, 7)
+        xb, yb = b.batch("train", 3, 7)
+        assert a.name == b.name and torch.equal(xa, xb) and torch.equal(ya, yb)
+        p = a.init(0)
+        weights = [v for k, v in p.items() if k.endswith("weight")]
+        hidden = len(weights) - 1
+        width = weights[0].shape[0]
+        assert hidden in (4, 6) and width != 64 and a.meta["batch_size"] != 16, a.name
+        assert weights[0].shape[1] != 40, a.name  # not MNIST-1D's input size either
+    ys = torch.cat([fam.sample(0).batch("train", 0, i)[1] for i in range(50)])
+    assert ys.unique().numel() >= 3

@@ -2,7 +2,7 @@
 mixes several equally."""
 
 from .base import Task, TaskFamily, generator, mixture, sample_batch, scale_parameters
-from .synthetic import LOGISTIC, QUADRATIC, TEACHER_STUDENT
+from .synthetic import DEEP_CLASSIFIER, LOGISTIC, QUADRATIC, TEACHER_STUDENT
 
 
 def _families():
@@ -10,7 +10,7 @@ def _families():
     from .language import MARKOV_LM
     from .mnist1d import MNIST1D_CNN, MNIST1D_MLP, MNIST1D_SMALL_BATCH, MNIST1D_WIDE
     return {f.name: f for f in (QUADRATIC, TEACHER_STUDENT, LOGISTIC, MNIST1D_MLP, MNIST1D_WIDE,
-                                MNIST1D_CNN, MNIST1D_SMALL_BATCH, DIGITS_MLP, MARKOV_LM)}
+                                MNIST1D_CNN, MNIST1D_SMALL_BATCH, DIGITS_MLP, MARKOV_LM, DEEP_CLASSIFIER)}
 
 
 def family_names():

@@ -1,5 +1,6 @@
 """Synthetic task families: ill-conditioned quadratics, teacher-student regression,
-logistic regression. Data are generated on the fly from (seed, step): nothing to download."""
+logistic regression, deep narrow classifiers. Data are generated from seeds: nothing to
+download."""
 
 from __future__ import annotations
 
@@ -102,3 +103,39 @@ def logistic_regression(seed: int) -> Task:
 QUADRATIC = TaskFamily("quadratic", quadratic)
 TEACHER_STUDENT = TaskFamily("teacher_student", teacher_student)
 LOGISTIC = TaskFamily("logistic_regression", logistic_regression)
+
+
+def deep_classifier(seed: int) -> Task:
+    """A deep narrow MLP (4 or 6 hidden layers) classifies a fixed set of Gaussian points
+    labelled by a random teacher, with mini-batches of 8 to 24.
+
+    With PyTorch's default initialisation the signal fades through the layers: the first
+    steps sit on a plateau at chance level while the early layers' gradients are 10 to 1,000
+    times smaller than the last layer's, and the small batches make them noisy. Adam escapes
+    quickly because it normalises every element; an optimizer that sizes steps by a tensor's
+    gradient scale does not. Widths, depths and batch sizes are chosen apart from the held-out
+    deep GELU task of ``benchmarks/compare.py`` (MNIST-1D, 5 layers of 64, batch 16), so that
+    task differs from every one of these in data, depth, width and batch size. At most 37,130
+    parameters."""
+    g = generator(131, seed)
+    d_in = int(_choice(g, [16, 32, 48]))
+    classes = int(_choice(g, [4, 10]))
+    width = int(_choice(g, [32, 48, 80]))
+    depth = int(_choice(g, [4, 6]))
+    act = _choice(g, sorted(ACTIVATIONS))
+    bs = int(_choice(g, [8, 12, 24]))
+    gen = generator(132, seed)
+    x = torch.randn(2560, d_in, generator=gen)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2 ** 31, (), generator=g)))
+        teacher = mlp([d_in, 64, classes], "tanh")
+        with torch.no_grad():
+            teacher[0].weight.mul_(3.0)  # a teacher with curved class boundaries
+            y = teacher(x).argmax(-1)
+    return Task.from_module(f"deep-classifier-{act}-w{width}-d{depth}-b{bs}-c{classes}",
+                            lambda: mlp([d_in] + [width] * depth + [classes], act),
+                            nn.functional.cross_entropy, (x[:2048], y[:2048]), (x[2048:], y[2048:]),
+                            batch_size=bs, family="deep_classifier")
+
+
+DEEP_CLASSIFIER = TaskFamily("deep_classifier", deep_classifier)
