@@ -14,6 +14,8 @@ def _add_train_args(ap):
     ap.add_argument("--out", required=True, help="output folder (checkpoints, log.jsonl, weights)")
     ap.add_argument("--family", default=d.family, help="task family, or several joined by '+'")
     ap.add_argument("--scale-augment", action="store_true", help="random per-tensor parameter scales")
+    ap.add_argument("--loss-scale-augment", action="store_true",
+                    help="each task's loss times a random factor in [1e-2, 1e2] (needs the log transform)")
     ap.add_argument("--estimator", choices=["tes", "pes"], default=d.estimator)
     ap.add_argument("--sigma", type=float, default=d.sigma)
     ap.add_argument("--pairs", type=int, default=d.pairs, help="antithetic pairs in the population")

@@ -23,7 +23,8 @@ def config_from_args(args):
     from .population import UnrollSettings
     from .trainer import MetaTrainConfig
     return MetaTrainConfig(
-        family=args.family, scale_augment=args.scale_augment, estimator=args.estimator,
+        family=args.family, scale_augment=args.scale_augment,
+        loss_scale_augment=args.loss_scale_augment, estimator=args.estimator,
         sigma=args.sigma, pairs=args.pairs, groups=args.groups, outer=args.outer,
         outer_lr=args.outer_lr, steps=args.steps, init=args.init, seed=args.seed,
         checkpoint_every=args.checkpoint_every, ema=args.ema, snr_stats=args.snr_stats,

@@ -44,6 +44,8 @@ CHECKPOINT_VERSION = 1
 class MetaTrainConfig:
     family: str = "mnist1d_mlp"
     scale_augment: bool = False
+    # each task's loss multiplied by a factor drawn log-uniformly from [1e-2, 1e2] (tasks.scale_loss)
+    loss_scale_augment: bool = False
     estimator: str = "pes"  # "tes" or "pes"
     sigma: float = 0.01
     pairs: int = 8  # antithetic pairs in the whole population
@@ -101,6 +103,9 @@ class MetaTrainConfig:
             if not (0.0 < u.adam_lr < float("inf")) or not math.isfinite(u.adam_margin):
                 raise ValueError(f"adam_lr must be positive and finite and adam_margin finite, "
                                  f"got {u.adam_lr}, {u.adam_margin}")
+        if self.loss_scale_augment and self.unroll.loss_transform != "log":
+            raise ValueError("loss_scale_augment needs loss_transform 'log' (under which the factor cancels "
+                             "in the meta-loss); with 'none' it would weigh the tasks by their factors")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if not (0.0 <= self.magnitude_rate < float("inf")):
@@ -152,7 +157,7 @@ class MetaTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.rank, self.world = rank, world
         self.progress = progress and rank == 0
-        self.family = get_family(config.family, config.scale_augment)
+        self.family = get_family(config.family, config.scale_augment, config.loss_scale_augment)
         self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats, config.absolute_snr,
                                                     config.dual_snr, config.magnitude_rate)
         self.names = list(self.theta)

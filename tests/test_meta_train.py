@@ -1,6 +1,7 @@
 """Meta-training: task API, exact resume, outer optimizers, non-finite guards, workers."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -294,3 +295,43 @@ def test_deep_classifier_is_reproducible_and_apart_from_the_held_out_deep_task()
         assert weights[0].shape[1] != 40, a.name  # not MNIST-1D's input size either
     ys = torch.cat([fam.sample(0).batch("train", 0, i)[1] for i in range(50)])
     assert ys.unique().numel() >= 3
+
+
+def test_loss_scale_augmentation_multiplies_loss_and_gradients_by_one_factor_per_task():
+    from meta_train.tasks import scale_loss
+    base = get_family("teacher_student").sample(3)
+    factors = []
+    for seed in range(20):
+        task = scale_loss(base, seed)
+        f = task.meta["loss_scale"]
+        assert 1e-2 <= f <= 1e2 and scale_loss(base, seed).meta["loss_scale"] == f
+        factors.append(f)
+        params = {k: v.requires_grad_() for k, v in task.init(0).items()}
+        batch = task.batch("train", 0, 5)
+        loss = task.loss(params, batch)
+        ref = base.loss(params, batch)
+        torch.testing.assert_close(loss, f * ref)
+        g, g_ref = (torch.autograd.grad(x, list(params.values())) for x in (loss, ref))
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, f * b)
+    assert min(factors) < 0.3 and max(factors) > 3  # spread over the range, not one value
+    fam = get_family("teacher_student", loss_scale_augment=True)
+    assert "loss_scale" in fam.sample(0).meta and fam.name.endswith("+loss-scaled")
+
+
+def test_loss_scale_augmentation_needs_the_log_transform():
+    cfg = MetaTrainConfig(loss_scale_augment=True, unroll=UnrollSettings(loss_transform="none"))
+    with pytest.raises(ValueError, match="loss_scale_augment"):
+        cfg.validate()
+    MetaTrainConfig(loss_scale_augment=True).validate()
+
+
+def test_command_line_runs_with_loss_scale_augmentation(tmp_path):
+    from meta_train.__main__ import main
+    out = tmp_path / "run"
+    main(["train", "--out", str(out), "--family", "teacher_student", "--pairs", "2", "--groups", "1",
+          "--steps", "2", "--init", "random", "--unroll", "2", "--min-horizon", "4", "--max-horizon", "4",
+          "--loss-scale-augment"])
+    assert MetaTrainConfig.from_json((out / "config.json").read_text()).loss_scale_augment
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["meta_loss"]) for r in rows)

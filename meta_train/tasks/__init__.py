@@ -1,7 +1,7 @@
 """Tasks and task families. ``get_family(name)`` returns a built-in family; ``"name1+name2"``
 mixes several equally."""
 
-from .base import Task, TaskFamily, generator, mixture, sample_batch, scale_parameters
+from .base import Task, TaskFamily, generator, mixture, sample_batch, scale_loss, scale_parameters
 from .synthetic import DEEP_CLASSIFIER, LOGISTIC, QUADRATIC, TEACHER_STUDENT
 
 
@@ -17,9 +17,9 @@ def family_names():
     return sorted(_families())
 
 
-def get_family(name: str, scale_augment: bool = False) -> TaskFamily:
+def get_family(name: str, scale_augment: bool = False, loss_scale_augment: bool = False) -> TaskFamily:
     """A built-in family by name, or a mixture ``"a+b+c"``; optionally with per-tensor
-    parameter-scale augmentation."""
+    parameter-scale augmentation and with loss-scale augmentation."""
     fams = _families()
     parts = name.split("+")
     unknown = [p for p in parts if p not in fams]
@@ -29,8 +29,11 @@ def get_family(name: str, scale_augment: bool = False) -> TaskFamily:
     if scale_augment:
         base = fam
         fam = TaskFamily(name + "+scaled", lambda s: scale_parameters(base.sample(s), s))
+    if loss_scale_augment:
+        plain = fam
+        fam = TaskFamily(fam.name + "+loss-scaled", lambda s: scale_loss(plain.sample(s), s))
     return fam
 
 
 __all__ = ["Task", "TaskFamily", "generator", "get_family", "family_names", "mixture",
-           "sample_batch", "scale_parameters"]
+           "sample_batch", "scale_loss", "scale_parameters"]

@@ -132,6 +132,21 @@ def scale_parameters(task: Task, seed: int, low: float = 1e-2, high: float = 1e2
                                meta=dict(task.meta, param_scales=scales))
 
 
+def scale_loss(task: Task, seed: int, low: float = 1e-2, high: float = 1e2) -> Task:
+    """Loss-scale augmentation: the task's loss (and so its gradients) multiplied by one factor
+    drawn log-uniformly from [low, high], so that the optimizer meets losses summed, weighted or
+    in other units. Under the log meta-loss the factor adds a constant that the antithetic
+    difference cancels: the objective is unchanged, only what the optimizer sees."""
+    u = torch.rand((), generator=generator(19, seed)).item()
+    factor = math.exp(math.log(low) + (math.log(high) - math.log(low)) * u)
+
+    def loss(params, batch):
+        return factor * task.loss(params, batch)
+
+    return dataclasses.replace(task, name=f"{task.name}+loss-x{factor:.3g}", loss=loss,
+                               meta=dict(task.meta, loss_scale=factor))
+
+
 @dataclasses.dataclass
 class TaskFamily:
     """A distribution over tasks: ``sample(seed) -> Task``."""
