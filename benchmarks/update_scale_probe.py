@@ -3,7 +3,8 @@
 Trains held-out tasks of compare.py (same data, model, batches and seed as its seed 0) with
 Adam at lr 1e-3 and with the learned optimizer at its defaults (the shipped weights, or
 ``--weights``), and records at a few steps the batch loss and the root mean square of each
-step's parameter change, averaged over the tensors. Adam's steps shrink as the gradient's
+step's parameter change, averaged over the tensors (and per tensor, in model order, beside
+the root mean square of each tensor's gradient). Adam's steps shrink as the gradient's
 signal falls below its noise (m / sqrt(v) becomes small); a step that keeps its size instead
 leaves the loss at a noise floor.
 
@@ -47,7 +48,9 @@ def run(task: str, kind: str, weights, probe_at):
         opt.step(loss=loss.detach()) if kind == "learned" else opt.step()
         if before is not None:
             rms = [float((p.detach() - b).pow(2).mean().sqrt()) for p, b in zip(params, before)]
-            rows.append({"step": t + 1, "batch_loss": float(loss.detach()), "update_rms": sum(rms) / len(rms)})
+            grad_rms = [float(p.grad.pow(2).mean().sqrt()) for p in params]
+            rows.append({"step": t + 1, "batch_loss": float(loss.detach()), "update_rms": sum(rms) / len(rms),
+                         "update_rms_per_tensor": rms, "grad_rms_per_tensor": grad_rms})
     return {"rows": rows, "final_train_loss": full_loss(model, loss_fn, train)}
 
 
@@ -62,7 +65,7 @@ def main(argv=None):
     result = {}
     for task in args.tasks.split(","):
         steps = TASKS[task]["steps"]
-        probe_at = sorted({1, 10, 50, steps // 4, steps // 2, steps})
+        probe_at = sorted({1, 10, 20, 50, 100, steps // 4, steps // 2, steps})
         result[task] = {"adam_1e-3": run(task, "adam", None, probe_at),
                         "learned_default": run(task, "learned", None, probe_at)}
         for w in args.weights:
