@@ -1,0 +1,87 @@
+"""Learned optimizer against Adam on tasks of a meta-training family.
+
+Samples tasks from a built-in family with the held-out seeds of ``meta_train eval`` (a stream
+meta-training never draws), trains each from the same initialisation and batches with every
+``--weights`` file (loss passed) and with Adam at lr 1e-3, and reports per task the mean batch
+loss over the last tenth of the run and the mean loss over 20 validation batches. A quick check
+of whether weights handle the kind of task a family holds, in distribution; the held-out
+comparison is ``compare.py``.
+
+    python benchmarks/family_vs_adam.py --family deep_classifier [--tasks 8] [--steps 500]
+        [--weights W1,W2] [--out benchmarks/results/family_vs_adam-deep_classifier.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from common import write_result  # noqa: E402
+
+from learned_opt import LearnedOptimizer  # noqa: E402
+from meta_train.evaluate import held_out_seeds  # noqa: E402
+from meta_train.tasks import get_family  # noqa: E402
+
+
+def train(task, weights, steps: int):
+    """(mean batch loss over the last tenth of the run, mean validation loss); ``weights`` None
+    means Adam at lr 1e-3, "" the shipped default."""
+    params = {k: v.clone().requires_grad_() for k, v in task.init(0).items()}
+    ps = list(params.values())
+    adam = weights is None
+    opt = torch.optim.Adam(ps, lr=1e-3) if adam else LearnedOptimizer(ps, **({"weights": weights} if weights else {}))
+    tail = []
+    for t in range(steps):
+        loss = task.loss(params, task.batch("train", 0, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step() if adam else opt.step(loss=loss.detach())
+        if t >= steps - max(1, steps // 10):
+            tail.append(float(loss.detach()))
+    with torch.no_grad():
+        valid = statistics.mean(float(task.loss(params, task.batch("valid", 1, i))) for i in range(20))
+    return statistics.mean(tail), valid
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", required=True)
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--weights", default="", help="comma-separated weights files; empty: the shipped default")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/family_vs_adam-FAMILY.json")
+    args = ap.parse_args(argv)
+    if args.tasks < 1 or args.steps < 1:
+        ap.error("--tasks and --steps must be positive")
+    torch.set_num_threads(args.threads)
+    fam = get_family(args.family)
+    weights = args.weights.split(",")
+    rows, wins = [], {w or "default": 0 for w in weights}
+    for seed in held_out_seeds(args.tasks):
+        task = fam.sample(seed)
+        row = {"task": task.name, "adam_1e-3": dict(zip(("train_tail", "valid"), train(task, None, args.steps)))}
+        for w in weights:
+            r = dict(zip(("train_tail", "valid"), train(task, w, args.steps)))
+            row[w or "default"] = r
+            wins[w or "default"] += r["train_tail"] < row["adam_1e-3"]["train_tail"]
+        rows.append(row)
+        print(task.name, "  ".join(f"{k}: {v['train_tail']:.4g} ({v['valid']:.4g})"
+                                   for k, v in row.items() if k != "task"), flush=True)
+    print("tasks where the learned optimizer's end-of-run training loss beats Adam 1e-3:",
+          {k: f"{v}/{args.tasks}" for k, v in wins.items()})
+    out = args.out or os.path.join(HERE, "results", f"family_vs_adam-{args.family}.json")
+    write_result(out, "family_vs_adam.py", argv, {"family": args.family, "steps": args.steps,
+                                                  "wins_vs_adam": wins, "tasks": rows})
+
+
+if __name__ == "__main__":
+    main()
