@@ -137,7 +137,7 @@ def _nan_family():
 
 def test_nonfinite_losses_are_counted_and_dropped(tmp_path, monkeypatch):
     import meta_train.trainer as trainer_mod
-    monkeypatch.setattr(trainer_mod, "get_family", lambda name, aug=False: _nan_family())
+    monkeypatch.setattr(trainer_mod, "get_family", lambda name, *augmentations: _nan_family())
     cfg = small_config(family="nan", steps=3)
     cfg.unroll.inner_lr = 0.1  # large steps leave the safe region quickly
     tr = MetaTrainer(cfg, tmp_path, progress=False)
