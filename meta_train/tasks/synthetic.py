@@ -112,12 +112,11 @@ def deep_classifier(seed: int) -> Task:
     With PyTorch's default initialisation the signal fades through the layers: the first
     steps sit on a plateau near chance level while the early layers' gradients are far smaller
     than the last layer's (about 40x on the held-out deep GELU task), and the small batches make
-    them noisy. Adam escapes
-    quickly because it normalises every element; an optimizer that sizes steps by a tensor's
-    gradient scale does not. Widths, depths and batch sizes are chosen apart from the held-out
-    deep GELU task of ``benchmarks/compare.py`` (MNIST-1D, 5 layers of 64, batch 16), so that
-    task differs from every one of these in data, depth, width and batch size. At most 37,130
-    parameters."""
+    them noisy. Adam escapes quickly because it normalises every element; an optimizer that
+    sizes steps by a tensor's gradient scale does not. Widths, depths and batch sizes are
+    chosen apart from the held-out deep GELU task of ``benchmarks/compare.py`` (MNIST-1D, 5
+    layers of 64, batch 16), so that task differs from every one of these in data, depth, width
+    and batch size. At most 37,130 parameters."""
     g = generator(131, seed)
     d_in = int(_choice(g, [16, 32, 48]))
     classes = int(_choice(g, [4, 10]))
