@@ -65,8 +65,10 @@ class ArchConfig:
     dual_snr: bool = False
 
     def __post_init__(self):
-        if not (0 < self.magnitude_rate < float("inf")):
-            raise ValueError(f"magnitude_rate must be positive and finite, got {self.magnitude_rate}")
+        for name in ("magnitude_rate", "rms_eps", "norm_eps"):
+            value = getattr(self, name)
+            if not (0 < value < float("inf")):
+                raise ValueError(f"{name} must be positive and finite, got {value}")
         if self.absolute_snr and self.dual_snr:
             raise ValueError("absolute_snr and dual_snr exclude each other (dual_snr already has "
                              "the unscaled m/sqrt(v) columns, beside the scaled ones)")

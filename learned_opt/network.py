@@ -183,6 +183,21 @@ class MetaNetwork(nn.Module):
             getattr(net, f"mlp_b{last}")[1] *= ratio
         return net
 
+    def with_rms_eps(self, eps: float) -> "MetaNetwork":
+        """This network's weights with ``1/sqrt(v + eps)`` in its features
+        (``ArchConfig.rms_eps``): the same weights, not the same updates. With the reference's
+        1e-6 an element whose gradient is below about 1e-3 has ``m/sqrt(v + eps)`` well under
+        its true ``m/sqrt(v)``, so on small gradients the network sees a noise floor where
+        there is none; a smaller ``eps`` keeps that ratio free of the gradient's scale down to
+        ``sqrt(eps)``. A starting point for meta-training. Returns ``self`` at the same eps;
+        ``ArchConfig`` refuses one that is not positive and finite."""
+        eps = float(eps)
+        if eps == self.config.rms_eps:
+            return self
+        net = MetaNetwork(dataclasses.replace(self.config, rms_eps=eps))
+        net.load_state_dict(self.state_dict())
+        return net
+
     def _with_zero_rows(self, cfg: ArchConfig, name: str, at: int) -> "MetaNetwork":
         """A network of ``cfg`` holding this one's weights, where ``cfg`` gives the input matrix
         ``name`` more rows, inserted at row ``at`` and left at zero."""

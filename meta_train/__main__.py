@@ -37,6 +37,9 @@ def _add_train_args(ap):
                     help="rate of the step's magnitude path, update = lr * d * exp(rate * mag) "
                          "(ArchConfig.magnitude_rate); starting weights at another rate are rescaled to "
                          "give the same updates. 0: the starting weights' own")
+    ap.add_argument("--rms-eps", type=float, default=d.rms_eps,
+                    help="eps of 1/sqrt(v + eps) in the features (ArchConfig.rms_eps); starting weights keep "
+                         "their values, so their updates change. 0: the starting weights' own")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--ema", type=float, default=d.ema,

@@ -29,7 +29,7 @@ def config_from_args(args):
         outer_lr=args.outer_lr, steps=args.steps, init=args.init, seed=args.seed,
         checkpoint_every=args.checkpoint_every, ema=args.ema, snr_stats=args.snr_stats,
         absolute_snr=args.absolute_snr, dual_snr=args.dual_snr,
-        magnitude_rate=args.magnitude_rate,
+        magnitude_rate=args.magnitude_rate, rms_eps=args.rms_eps,
         unroll=UnrollSettings(unroll=args.unroll, min_horizon=args.min_horizon,
                               max_horizon=args.max_horizon, inner_lr=args.inner_lr,
                               meta_loss=args.meta_loss, loss_transform=args.loss_transform,

@@ -61,6 +61,9 @@ class MetaTrainConfig:
     # Starting weights at another rate are rescaled to give the same updates
     # (MetaNetwork.with_magnitude_rate).
     magnitude_rate: float = 0.0
+    # eps of 1/sqrt(v + eps) in the features (ArchConfig.rms_eps); 0: the starting weights' own.
+    # Starting weights keep their values (MetaNetwork.with_rms_eps): not the same updates.
+    rms_eps: float = 0.0
     seed: int = 0
     checkpoint_every: int = 10
     # decay of an exponential moving average of theta, written beside the weights as
@@ -111,19 +114,24 @@ class MetaTrainConfig:
         if not (0.0 <= self.magnitude_rate < float("inf")):
             raise ValueError(f"magnitude_rate must be >= 0 and finite (0: the starting weights' own), "
                              f"got {self.magnitude_rate}")
+        if not (0.0 <= self.rms_eps < float("inf")):
+            raise ValueError(f"rms_eps must be >= 0 and finite (0: the starting weights' own), got {self.rms_eps}")
 
 
 def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False,
-                  dual_snr: bool = False, magnitude_rate: float = 0.0) -> Tuple[Dict[str, Tensor], ArchConfig]:
+                  dual_snr: bool = False, magnitude_rate: float = 0.0,
+                  rms_eps: float = 0.0) -> Tuple[Dict[str, Tensor], ArchConfig]:
     """The starting weights and their architecture. With ``snr_stats`` or ``dual_snr``, weights
     without those inputs get them at zero weight (the same updates as the weights given); with
     ``absolute_snr``, the weights move to the architecture with unscaled m/sqrt(v) columns.
     Weights that have one of these cannot start a run that leaves it out. A positive
-    ``magnitude_rate`` moves the weights to that rate with the same updates."""
+    ``magnitude_rate`` moves the weights to that rate with the same updates; a positive
+    ``rms_eps`` puts them on that eps of the features (not the same updates)."""
     if init == "random":
         rate = {"magnitude_rate": magnitude_rate} if magnitude_rate else {}
+        eps = {"rms_eps": rms_eps} if rms_eps else {}
         net = MetaNetwork.random(ArchConfig(snr_stats=snr_stats, absolute_snr=absolute_snr, dual_snr=dual_snr,
-                                            **rate))
+                                            **rate, **eps))
     else:
         net = load_weights(init)[0]
         for flag, wanted, move in (("snr-stats", snr_stats, MetaNetwork.with_snr_stats),
@@ -135,6 +143,8 @@ def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False
                 raise ValueError(f"the starting weights {init!r} are on the {flag} architecture: pass --{flag}")
         if magnitude_rate:
             net = net.with_magnitude_rate(magnitude_rate)
+        if rms_eps:
+            net = net.with_rms_eps(rms_eps)
     return {k: v.detach().clone() for k, v in net.weights().items()}, net.config
 
 
@@ -159,7 +169,7 @@ class MetaTrainer:
         self.progress = progress and rank == 0
         self.family = get_family(config.family, config.scale_augment, config.loss_scale_augment)
         self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats, config.absolute_snr,
-                                                    config.dual_snr, config.magnitude_rate)
+                                                    config.dual_snr, config.magnitude_rate, config.rms_eps)
         self.names = list(self.theta)
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]
