@@ -7,8 +7,9 @@ State layout (a standard optimizer state dict; tensors and numbers only):
 * optimizer-wide values, kept (as ``torch.optim.LBFGS`` does) in the state of the first
   parameter of the first group: ``step``, the running loss statistics, the gradient clipper,
   the shared LSTM message ``from_lstm``, ``nonfinite_skips``, and the identity of the
-  meta-network weights (``weights_checksum``, an int, and ``weights_name``, UTF-8 bytes in a
-  uint8 tensor). Loading a state dict made with other weights raises.
+  meta-network weights (``weights_checksum``, an int, ``weights_name`` and ``weights_config``,
+  the architecture as JSON, both UTF-8 bytes in uint8 tensors). Loading a state dict made with
+  other weights, or with the same tensors read under another architecture config, raises.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from torch.optim import Optimizer
 from . import functional as F
 from .network import MetaNetwork
 from .weights import WeightsInfo, checksum, load_weights
+
+def _as_bytes(text: str) -> Tensor:
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
+def _from_bytes(t: Tensor) -> str:
+    return bytes(t.tolist()).decode(errors="replace")
+
 
 _TENSOR_KEYS = ("mom", "rms", "lstm_h", "lstm_c", "from_mlp")
 _GLOBAL_KEYS = {  # state key -> GlobalState field
@@ -156,7 +165,8 @@ class LearnedOptimizer(Optimizer):
                 st[key] = getattr(g, field)
             st["nonfinite_skips"] = 0
             st["weights_checksum"] = self.weights_info.checksum_int
-            st["weights_name"] = torch.tensor(list(self.weights_info.name.encode()), dtype=torch.uint8)
+            st["weights_name"] = _as_bytes(self.weights_info.name)
+            st["weights_config"] = _as_bytes(self.meta_config.to_json())
         return st
 
     @staticmethod
@@ -174,11 +184,16 @@ class LearnedOptimizer(Optimizer):
         saved = state_dict["state"]
         for st in saved.values():
             if "weights_checksum" in st and int(st["weights_checksum"]) != self.weights_info.checksum_int:
-                name = bytes(st["weights_name"].tolist()).decode(errors="replace") if "weights_name" in st else "?"
+                name = _from_bytes(st["weights_name"]) if "weights_name" in st else "?"
                 raise ValueError(
                     f"this state dict was made with meta-network weights {name!r} "
                     f"(checksum {int(st['weights_checksum']):015x}), but this optimizer uses "
                     f"{self.weights_info.name!r} ({self.weights_info.checksum_int:015x})")
+            if "weights_config" in st and _from_bytes(st["weights_config"]) != self.meta_config.to_json():
+                raise ValueError(
+                    f"this state dict was made with the same meta-network tensors under another "
+                    f"architecture config ({_from_bytes(st['weights_config'])}), but this optimizer "
+                    f"uses {self.weights_info.name!r} with {self.meta_config.to_json()}")
         originals = {k: dict(v) for k, v in saved.items()}
         super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]

@@ -373,6 +373,22 @@ def test_state_dict_from_other_weights_is_rejected():
         other.load_state_dict(opt.state_dict())
 
 
+def test_state_dict_from_the_same_tensors_under_another_config_is_rejected():
+    net = random_weights()
+    model = MixedRanks()
+    opt = make(model, weights=net)
+    train(model, opt, 1)
+    sd = opt.state_dict()
+    other = make(MixedRanks(), weights=net.with_rms_eps(1e-10))  # same tensors, same checksum
+    assert other.weights_info.checksum == opt.weights_info.checksum
+    with pytest.raises(ValueError, match="another architecture config"):
+        other.load_state_dict(sd)
+    # states saved before the config was recorded still load
+    del sd["state"][0]["weights_config"]
+    other.load_state_dict(sd)
+    make(MixedRanks(), weights=net).load_state_dict(opt.state_dict())
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_deepcopy_and_pickle_keep_a_working_optimizer(how):
     model = MixedRanks()
