@@ -247,6 +247,14 @@ def run_one(task_name: str, kind: str, lr, seed: int, weights, curve_points=100)
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
+def mean_final_loss(task_name: str, kind: str, lr, seeds: int, weights, divide_by: float = 1.0) -> Dict:
+    """``{"mean", "seeds"}``: the final training loss of ``run_one`` over seeds 0..seeds-1, each
+    divided by ``divide_by`` (to undo a task's loss factor)."""
+    finals = [run_one(task_name, kind, lr, s, weights, curve_points=10)["final_train_loss"] / divide_by
+              for s in range(seeds)]
+    return {"mean": sum(finals) / len(finals), "seeds": finals}
+
+
 def key(r):
     return (r["task"], r["kind"], r["lr"], r["seed"])
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -28,7 +27,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from common import write_result  # noqa: E402
-from compare import TASKS, run_one  # noqa: E402
+from compare import TASKS, mean_final_loss  # noqa: E402
 
 
 def scaled_task(name: str, factor: float) -> str:
@@ -61,12 +60,9 @@ def main(argv=None):
         for factor in scales:
             key = scaled_task(task, factor)
             for kind, lr in (("learned", None), ("adam", 1e-3)):
-                finals = []
-                for seed in range(args.seeds):
-                    r = run_one(key, kind, lr, seed, args.weights, curve_points=10)
-                    finals.append(r["final_train_loss"] / factor)
-                rows.setdefault(kind, {})[f"{factor:g}"] = {"mean": statistics.mean(finals), "seeds": finals}
-                print(f"{task} x{factor:g} {kind}: {statistics.mean(finals):.4g}", flush=True)
+                row = mean_final_loss(key, kind, lr, args.seeds, args.weights, divide_by=factor)
+                rows.setdefault(kind, {})[f"{factor:g}"] = row
+                print(f"{task} x{factor:g} {kind}: {row['mean']:.4g}", flush=True)
         result["tasks"][task] = rows
     write_result(args.out, "grad_scale_probe.py", argv, result)
 
