@@ -206,12 +206,15 @@ def full_loss(model, loss_fn, data, limit=2048):
     return float(loss_fn(model(x[:limit]), y[:limit]))
 
 
-def run_one(task_name: str, kind: str, lr, seed: int, weights, curve_points=100) -> Dict:
+def run_one(task_name: str, kind: str, lr, seed: int, weights, curve_points=100, make_opt=None) -> Dict:
+    """Train one task with one optimizer and seed. ``make_opt(model)``, if given, builds the
+    optimizer instead of ``kind``/``lr``/``weights`` (``kind`` still says whether ``step`` gets
+    the loss: it does for "learned")."""
     spec = TASKS[task_name]
     train, valid = spec["data"]()
     torch.manual_seed(1000 + seed)
     model = spec["model"]()
-    opt = make_optimizer(kind, model.parameters(), lr, weights)
+    opt = make_opt(model) if make_opt is not None else make_optimizer(kind, model.parameters(), lr, weights)
     g = torch.Generator().manual_seed(2000 + seed)
     n, steps, bs, loss_fn = train[0].shape[0], spec["steps"], spec["batch"], spec["loss"]
     init_train = full_loss(model, loss_fn, train)

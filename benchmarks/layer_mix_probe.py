@@ -1,7 +1,7 @@
 """Which layers does the learned optimizer handle worse than Adam?
 
-Trains an MLP task of compare.py (default: the deep GELU task, the one every weights file has
-lost) with its parameters split between the learned optimizer (defaults, loss passed) and
+Trains an MLP task of compare.py (default: the deep GELU task, lost by every weights file before
+`rnn-mlp-pes-eps-v3`) with its parameters split between the learned optimizer (defaults, loss passed) and
 Adam at lr 1e-3: all learned, all Adam, and mixes where a group of layers is given to the
 other optimizer. Layer 0 is the input layer, layer -1 the output layer; "hidden" is every
 layer between them. Same data, models, batches and seeds as compare.py; mean final training
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from common import write_result  # noqa: E402
-from compare import TASKS, full_loss  # noqa: E402
+from compare import TASKS, run_one  # noqa: E402
 
 from learned_opt import LearnedOptimizer  # noqa: E402
 
@@ -49,32 +49,47 @@ MIXES = {
 }
 
 
+class SplitOptimizer:
+    """The learned optimizer on some parameters and Adam at lr 1e-3 on the others, stepped
+    together (either part may be empty)."""
+
+    def __init__(self, mine, theirs, weights):
+        self.learned = LearnedOptimizer(mine, **({"weights": weights} if weights else {})) if mine else None
+        self.adam = torch.optim.Adam(theirs, lr=1e-3) if theirs else None
+
+    def zero_grad(self, set_to_none=True):
+        for opt in (self.learned, self.adam):
+            if opt is not None:
+                opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, loss=None):
+        if self.learned is not None:
+            self.learned.step(loss=loss)
+        if self.adam is not None:
+            self.adam.step()
+
+
+def split_for(task: str, learned_on, weights):
+    """``make_opt`` for compare.run_one: the Linear layers that ``learned_on(i, n)`` picks go
+    to the learned optimizer, the rest to Adam."""
+    def make(model):
+        layers = layer_groups(model)
+        if sum(len(x) for x in layers) != len(list(model.parameters())):
+            raise ValueError(f"{task}: the probe needs a model made of Linear layers and activations only")
+        mine = [p for i, ps in enumerate(layers) if learned_on(i, len(layers)) for p in ps]
+        theirs = [p for i, ps in enumerate(layers) if not learned_on(i, len(layers)) for p in ps]
+        return SplitOptimizer(mine, theirs, weights)
+    return make
+
+
 def run(task: str, learned_on, seed: int, weights):
-    spec = TASKS[task]
-    train, _ = spec["data"]()
-    torch.manual_seed(1000 + seed)  # compare.py's seeding
-    model = spec["model"]()
-    layers = layer_groups(model)
-    if sum(len(x) for x in layers) != len(list(model.parameters())):
-        raise ValueError(f"{task}: the probe needs a model made of Linear layers and activations only")
-    mine = [p for i, ps in enumerate(layers) if learned_on(i, len(layers)) for p in ps]
-    theirs = [p for i, ps in enumerate(layers) if not learned_on(i, len(layers)) for p in ps]
-    learned = LearnedOptimizer(mine, **({"weights": weights} if weights else {})) if mine else None
-    adam = torch.optim.Adam(theirs, lr=1e-3) if theirs else None
-    g = torch.Generator().manual_seed(2000 + seed)
-    n, early = train[0].shape[0], []
-    for t in range(spec["steps"]):
-        idx = torch.randint(0, n, (spec["batch"],), generator=g)
-        loss = spec["loss"](model(train[0][idx]), train[1][idx])
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        if learned:
-            learned.step(loss=loss.detach())
-        if adam:
-            adam.step()
-        if t < 50:
-            early.append(float(loss.detach()))
-    return full_loss(model, spec["loss"], train), statistics.mean(early)
+    """(final training loss, mean batch loss over the first 50 steps) of one seed: compare.py's
+    training loop, data, batches and seeding."""
+    steps = TASKS[task]["steps"]
+    if steps % 50:
+        raise ValueError(f"{task}: the probe needs a step count that is a multiple of 50")
+    r = run_one(task, "learned", None, seed, None, curve_points=steps // 50, make_opt=split_for(task, learned_on, weights))
+    return r["final_train_loss"], r["curve"][0]
 
 
 def main(argv=None):
