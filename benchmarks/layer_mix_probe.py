@@ -1,8 +1,8 @@
 """Which layers does the learned optimizer handle worse than Adam?
 
-Trains an MLP task of compare.py (default: the deep GELU task, lost by every weights file before
-`rnn-mlp-pes-eps-v3`) with its parameters split between the learned optimizer (defaults, loss passed) and
-Adam at lr 1e-3: all learned, all Adam, and mixes where a group of layers is given to the
+Trains an MLP task of compare.py (default: the deep GELU task, lost by every weights file
+before `rnn-mlp-pes-eps-v3`) with its parameters split between the learned optimizer (defaults,
+loss passed) and Adam at lr 1e-3: all learned, all Adam, and mixes where a group of layers is given to the
 other optimizer. Layer 0 is the input layer, layer -1 the output layer; "hidden" is every
 layer between them. Same data, models, batches and seeds as compare.py; mean final training
 loss over seeds, and the mean batch loss over the first 50 steps.
@@ -88,7 +88,8 @@ def run(task: str, learned_on, seed: int, weights):
     steps = TASKS[task]["steps"]
     if steps % 50:
         raise ValueError(f"{task}: the probe needs a step count that is a multiple of 50")
-    r = run_one(task, "learned", None, seed, None, curve_points=steps // 50, make_opt=split_for(task, learned_on, weights))
+    r = run_one(task, "learned", None, seed, None, curve_points=steps // 50,
+                make_opt=split_for(task, learned_on, weights))
     return r["final_train_loss"], r["curve"][0]
 
 

@@ -138,9 +138,7 @@ class MetaNetwork(nn.Module):
         updates. A starting point for meta-training. Returns ``self`` if it is one already."""
         if self.config.absolute_snr:
             return self
-        net = MetaNetwork(dataclasses.replace(self.config, absolute_snr=True))
-        net.load_state_dict(self.state_dict())
-        return net
+        return self._same_weights_under(dataclasses.replace(self.config, absolute_snr=True))
 
     def with_dual_snr(self) -> "MetaNetwork":
         """This network with the unscaled m/sqrt(v) MLP inputs (``ArchConfig.dual_snr``) added at
@@ -194,7 +192,11 @@ class MetaNetwork(nn.Module):
         eps = float(eps)
         if eps == self.config.rms_eps:
             return self
-        net = MetaNetwork(dataclasses.replace(self.config, rms_eps=eps))
+        return self._same_weights_under(dataclasses.replace(self.config, rms_eps=eps))
+
+    def _same_weights_under(self, cfg: ArchConfig) -> "MetaNetwork":
+        """A network of ``cfg`` (same parameter shapes) holding a copy of this one's weights."""
+        net = MetaNetwork(cfg)
         net.load_state_dict(self.state_dict())
         return net
 

@@ -26,6 +26,7 @@ from . import functional as F
 from .network import MetaNetwork
 from .weights import WeightsInfo, checksum, load_weights
 
+
 def _as_bytes(text: str) -> Tensor:
     return torch.tensor(list(text.encode()), dtype=torch.uint8)
 

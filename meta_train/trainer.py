@@ -115,7 +115,8 @@ class MetaTrainConfig:
             raise ValueError(f"magnitude_rate must be >= 0 and finite (0: the starting weights' own), "
                              f"got {self.magnitude_rate}")
         if not (0.0 <= self.rms_eps < float("inf")):
-            raise ValueError(f"rms_eps must be >= 0 and finite (0: the starting weights' own), got {self.rms_eps}")
+            raise ValueError(f"rms_eps must be >= 0 and finite (0: the starting weights' own), "
+                             f"got {self.rms_eps}")
 
 
 def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False,

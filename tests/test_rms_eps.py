@@ -57,6 +57,14 @@ def test_small_gradients_look_like_noise_only_under_a_large_eps():
         assert lo < ratio.min() and ratio.max() <= hi, (eps, ratio)
 
 
+def _worst(a, b):
+    """Largest relative difference between two pytrees' floating tensors."""
+    fa, _ = tree_flatten(a)
+    fb, _ = tree_flatten(b)
+    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
+               for x, y in zip(fa, fb) if y.numel() and x.is_floating_point())
+
+
 def _step(w, ps, grads, st, impl, native_on, monkeypatch, cfg):
     monkeypatch.setenv("LEARNED_OPT_NATIVE", "auto" if native_on else "0")
     st = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, st)
@@ -84,10 +92,7 @@ def test_fast_paths_equal_the_reference_on_small_gradients(native_on, monkeypatc
             grads = [3e-5 * torch.randn(s, generator=g) for s in SHAPES]  # v ~ 1e-9: below 1e-6
             pf, st_f = _step(w, pf, grads, st_f, "fast", native_on, monkeypatch, cfg)
             pr, st_r = _step(w, pr, grads, st_r, "reference", False, monkeypatch, cfg)
-            fa, _ = tree_flatten((pf, st_f))
-            fb, _ = tree_flatten((pr, st_r))
-            worst = max(worst, max(((x - y).abs().max() / y.abs().max().clamp_min(1e-30)).item()
-                                   for x, y in zip(fa, fb) if y.numel() and x.is_floating_point()))
+            worst = max(worst, _worst((pf, st_f), (pr, st_r)))
         assert worst < 1e-5, (eps, worst)
         outs[eps] = pf
     # the eps reached the update: the two networks moved the parameters differently
@@ -102,8 +107,8 @@ def test_the_population_step_uses_the_eps(use_native):
     cfg = net.config
     gen = torch.Generator().manual_seed(3)
     M = 3
-    ws = [{k: (v.detach() + 0.02 * torch.randn(v.shape, generator=gen)).double() for k, v in net.weights().items()}
-          for _ in range(M)]
+    ws = [{k: (v.detach() + 0.02 * torch.randn(v.shape, generator=gen)).double()
+           for k, v in net.weights().items()} for _ in range(M)]
     ps = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES] for _ in range(M)]
     ss = [init_state(ws[i], ps[i], cfg) for i in range(M)]
     stack = lambda trees: tree_map(lambda *xs: torch.stack(xs), *trees)  # noqa: E731
@@ -112,11 +117,10 @@ def test_the_population_step_uses_the_eps(use_native):
         G = [1e-5 * torch.randn(M, *s, generator=gen, dtype=torch.float64) for s in SHAPES]
         P, S = population_step(W, P, G, S, loss=None, lr=1e-3, cfg=cfg, use_native=use_native)
         for i in range(M):
-            ps[i], ss[i] = lopt_step(ws[i], ps[i], [x[i] for x in G], ss[i], lr=1e-3, cfg=cfg, impl="reference")
-    fa, _ = tree_flatten((P, S))
-    fb, _ = tree_flatten((stack(ps), stack(ss)))
+            ps[i], ss[i] = lopt_step(ws[i], ps[i], [x[i] for x in G], ss[i], lr=1e-3, cfg=cfg,
+                                     impl="reference")
     tol = 1e-5 if use_native else 1e-11  # the kernel computes in float32
-    assert max(float((x - y).abs().max() / (y.abs().max() + 1e-30)) for x, y in zip(fa, fb)) < tol
+    assert _worst((P, S), (stack(ps), stack(ss))) < tol
 
 
 def test_meta_training_starts_on_another_eps():
