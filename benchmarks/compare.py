@@ -1,33 +1,42 @@
-"""LearnedOptimizer with its defaults against tuned baselines, on tasks meta-training never saw.
+"""The learned optimizer with no argument against what a user would pick instead, on the
+held-out suite (``benchmarks/suite.py``): held-out loss and accuracy first, training loss
+second.
 
-Eight held-out tasks (other data sets, architectures, losses, widths, depths and batch sizes
-than the meta-training families; one task has 11.4x the parameters of the largest meta-training
-task, one runs 10,000 steps, 5x the longest meta-training horizon of 2,000), 3 seeds each.
-Every optimizer trains the same initialisation on the same batches:
+Every optimizer trains the same initialisation on the same batches (3 seeds):
 
-* ``learned``: ``LearnedOptimizer(model.parameters())``, no argument, the loss passed to step;
-* ``learned_noloss``: the same, the loss never passed;
-* ``adam``: Adam, lr in {1e-4, 3e-4, 1e-3, 3e-3, 1e-2} (``Adam 1e-3`` is one of them);
-* ``adamw``: AdamW (weight decay 1e-2), the same lrs;
-* ``sgd``: SGD with momentum 0.9, lr in {1e-3, 3e-3, 1e-2, 3e-2, 1e-1}.
+* ``learned``: ``LearnedOptimizer(model.parameters())``, the loss passed to ``step``;
+* ``learned_noloss``: the same, ``step()`` called without the loss (as HF Trainer, timm and
+  accelerate call it);
+* ``adam``: Adam at lr 1e-4, 3e-4, 1e-3, 3e-3 and 1e-2; ``Adam 1e-3`` is the default a user
+  starts from, ``Adam tuned`` the lr with the lowest mean **validation** loss per task (chosen on
+  the very runs reported, which favours it);
+* the peers a user picks for "no tuning", each with its own defaults: ``adamw`` (lr 1e-3,
+  weight decay 1e-2), ``sf_adamw`` (schedule-free AdamW, ``schedulefree.AdamWScheduleFree``,
+  lr 2.5e-3, evaluated at its averaged point) and ``prodigy`` (``pytorch_optimizer.Prodigy``,
+  lr 1.0).
 
-The tuned baselines take, per task, the lr with the lowest mean final training loss over the
-seeds (tuned on the very runs being reported, which favours them). Final training and
-validation losses are measured on fixed evaluation sets after the last step; a run *diverges*
-if a loss is not finite or the final training loss exceeds the initial one.
+``--schedule cosine`` adds one run per optimizer at its default lr with a linear warm-up over
+the first 5% of the steps and a cosine decay to 0 after it, through ``torch.optim.lr_scheduler``
+as HF Trainer does (schedule-free AdamW gets the same warm-up through its own
+``warmup_steps`` and no decay, as its authors intend). ``--loss-scales 0.01,100`` adds runs of
+the learned optimizer and Adam 1e-3 with the training loss multiplied by each factor; their
+held-out loss is measured unscaled.
 
-Every finished run is appended to a JSON-lines cache, so an interrupted comparison resumes.
-To judge new weights quickly, take the baselines (which do not depend on the weights) from an
-earlier cache with ``--baselines-from``, and spread the runs over processes with ``--jobs``
-(the losses are the same; the time-per-step column then measures a loaded machine).
+Per run: final training and held-out loss and accuracy on fixed evaluation sets, whether it
+diverged (a non-finite loss, or a final training loss above the initial one), the largest
+training-loss spike in the second half (a batch loss over the median of the 100 before it),
+the parameters' norm, and the optimizer's step time. Finished runs are appended to a
+JSON-lines cache, so an interrupted comparison resumes; ``--baselines-from`` takes the runs that
+do not depend on the learned optimizer's weights from another cache.
 
     python benchmarks/compare.py [--weights NAME_OR_PATH] [--tasks a,b] [--seeds 3] [--threads 1]
-                                 [--jobs N] [--baselines-from OTHER-runs.jsonl]
+        [--jobs N] [--schedule constant,cosine] [--loss-scales 0.01,100] [--baselines-from RUNS]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -37,202 +46,120 @@ import time
 from typing import Dict, List
 
 import torch
-from torch import nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
+from common import parallel_map
+from learned_opt import LearnedOptimizer
+from suite import LARGEST_META_TRAINING_TASK, LONGEST_META_TRAINING_HORIZON, TASKS
 
-from common import parallel_map  # noqa: E402
-from learned_opt import LearnedOptimizer  # noqa: E402
-
-RESULTS = os.path.join(HERE, "results")
-LRS = {"adam": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "adamw": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-       "sgd": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}
-LARGEST_META_TRAINING_TASK = 52_234  # mnist1d_wide, 1,024 units (the default's runs; 39,562 without that family)
-LONGEST_META_TRAINING_HORIZON = 2_000
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _sk(name):
-    try:
-        import sklearn.datasets as d
-    except ImportError:
-        raise ImportError("compare.py needs scikit-learn and mnist1d: pip install 'learned_opt[data]'") from None
-    return getattr(d, name)()
-
-
-def _split(x, y, n_valid, seed=0):
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    x, y = x[perm], y[perm]
-    return (x[n_valid:], y[n_valid:]), (x[:n_valid], y[:n_valid])
-
-
-def digits():
-    d = _sk("load_digits")
-    return _split(torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target), 297)
-
-
-def standardised(name, n_valid):
-    d = _sk(name)
-    x = torch.tensor(d.data, dtype=torch.float32)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    return _split(x, torch.tensor(d.target), n_valid)
-
-
-def mnist1d():
-    from meta_train.tasks.mnist1d import load_mnist1d
-    xtr, ytr, xte, yte = load_mnist1d()
-    return (xtr, ytr), (xte, yte)
-
-
-def sorting_sequences(n, length=10, vocab=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab, (n, length), generator=g)
-    return x, x.sort(dim=1).values
-
-
-# ---------------------------------------------------------------------------- models
-
-
-class DigitsCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
-                                 nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 10))
-
-    def forward(self, x):
-        return self.net(x.view(-1, 1, 8, 8))
-
-
-class SeqGRU(nn.Module):
-    def __init__(self, hidden=48):
-        super().__init__()
-        self.gru = nn.GRU(4, hidden, batch_first=True)
-        self.head = nn.Linear(hidden, 10)
-
-    def forward(self, x):
-        _, h = self.gru(x.view(x.shape[0], 10, 4))
-        return self.head(h[-1])
-
-
-class SortTransformer(nn.Module):
-    def __init__(self, vocab=16, length=10, d=32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.randn(length, d) * 0.1)
-        self.body = nn.TransformerEncoderLayer(d, 2, 64, dropout=0.0, batch_first=True, norm_first=True)
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, x):
-        return self.head(self.norm(self.body(self.embed(x) + self.pos)))
-
-
-def mlp(sizes, act):
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
-def ce(out, y):
-    return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-
-
-def bce(out, y):
-    return nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), y.float())
-
-
-def mse_recon(out, y):
-    return nn.functional.mse_loss(torch.sigmoid(out), y)
-
-
-def _autoencoder_data():
-    (xtr, _), (xva, _) = digits()
-    return (xtr, xtr), (xva, xva)
-
-
-TASKS: Dict[str, Dict] = {
-    "digits_mlp_600k": dict(model=lambda: mlp([64, 1024, 512, 10], nn.ReLU), data=digits, loss=ce,
-                            batch=64, steps=300,
-                            about="sklearn digits 8x8, MLP 64-1024-512-10 ReLU (11.4x the largest meta-training task)"),
-    "digits_cnn": dict(model=DigitsCNN, data=digits, loss=ce, batch=32, steps=500,
-                       about="sklearn digits, 2-layer 2-D CNN, batch 32"),
-    "digits_autoencoder": dict(model=lambda: mlp([64, 32, 8, 32, 64], nn.Tanh), data=_autoencoder_data,
-                               loss=mse_recon, batch=128, steps=500,
-                               about="sklearn digits, tanh autoencoder 64-32-8-32-64, MSE on pixels"),
-    "mnist1d_deep_gelu": dict(model=lambda: mlp([40] + [64] * 5 + [10], nn.GELU), data=mnist1d, loss=ce,
-                              batch=16, steps=500,
-                              about="MNIST-1D official test split for validation, 5 hidden GELU layers, batch 16"),
-    "mnist1d_gru": dict(model=SeqGRU, data=mnist1d, loss=ce, batch=64, steps=500,
-                        about="MNIST-1D read as 10 steps of 4 values by a GRU (48 units)"),
-    "breast_cancer_mlp": dict(model=lambda: mlp([30, 64, 64, 1], nn.ELU), data=lambda: standardised(
-        "load_breast_cancer", 100), loss=bce, batch=32, steps=500,
-        about="sklearn breast cancer (30 standardised features), ELU MLP, logistic loss"),
-    "sort_transformer": dict(model=SortTransformer,
-                             data=lambda: (sorting_sequences(4096, seed=1), sorting_sequences(512, seed=2)),
-                             loss=ce, batch=32, steps=500,
-                             about="sort 10 tokens of 16 with a pre-norm transformer layer (d=32, 2 heads)"),
-    "wine_long": dict(model=lambda: mlp([13, 32, 3], nn.Tanh), data=lambda: standardised("load_wine", 38),
-                      loss=ce, batch=16, steps=10_000,
-                      about="sklearn wine, tanh MLP, 10,000 steps (5x the longest meta-training horizon)"),
-}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ADAM_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
+# kind -> the lrs of its constant-schedule runs (None: the optimizer's own default)
+KINDS = {"learned": [None], "learned_noloss": [None], "adam": ADAM_LRS, "adamw": [None],
+         "sf_adamw": [None], "prodigy": [None]}
+PEERS = ("adamw", "sf_adamw", "prodigy")
+DEFAULT_LR = {"adam": 1e-3}
+WARMUP = 0.05  # of the steps, for --schedule cosine
+SPIKE_WINDOW = 100
 
 
 # --------------------------------------------------------------------------- running
 
 
-def make_optimizer(kind, params, lr, weights):
+def make_optimizer(kind, params, lr, weights, steps: int, schedule: str):
     if kind in ("learned", "learned_noloss"):  # lr None: the optimizer's default, as a user gets it
         return LearnedOptimizer(params, **({"weights": weights} if weights else {}),
                                 **({"lr": lr} if lr is not None else {}))
     if kind == "adam":
         return torch.optim.Adam(params, lr=lr)
     if kind == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.AdamW(params, **({"lr": lr} if lr is not None else {}))
+    if kind == "sf_adamw":
+        try:
+            import schedulefree
+        except ImportError:
+            raise ImportError("compare.py's peers need schedulefree: pip install 'learned_opt[peers]'") from None
+        warmup = int(WARMUP * steps) if schedule == "cosine" else 0
+        return schedulefree.AdamWScheduleFree(params, warmup_steps=warmup, **({"lr": lr} if lr is not None else {}))
+    if kind == "prodigy":
+        try:
+            from pytorch_optimizer import Prodigy
+        except ImportError:
+            raise ImportError("compare.py's peers need pytorch_optimizer: pip install 'learned_opt[peers]'") from None
+        return Prodigy(params, lr=lr if lr is not None else 1.0)
     raise ValueError(kind)
 
 
+def warmup_cosine(steps: int):
+    """The lr factor at each step: linear warm-up over ``WARMUP`` of the steps, then cosine to 0."""
+    warm = max(1, int(WARMUP * steps))
+
+    def factor(t):
+        if t < warm:
+            return (t + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warm) / max(1, steps - warm))))
+    return factor
+
+
 @torch.no_grad()
-def full_loss(model, loss_fn, data, limit=2048):
+def evaluate(model, spec, data, limit=2048):
+    """(loss, accuracy or None) on the first ``limit`` rows of ``data``."""
     x, y = data
-    return float(loss_fn(model(x[:limit]), y[:limit]))
+    out = model(x[:limit])
+    acc = spec["accuracy"](out, y[:limit]) if "accuracy" in spec else None
+    return float(spec["loss"](out, y[:limit])), acc
 
 
-def run_one(task_name: str, kind: str, lr, seed: int, weights, curve_points=100, make_opt=None) -> Dict:
-    """Train one task with one optimizer and seed. ``make_opt(model)``, if given, builds the
-    optimizer instead of ``kind``/``lr``/``weights`` (``kind`` still says whether ``step`` gets
-    the loss: it does for "learned")."""
+def _set_mode(opt, train: bool):
+    """Schedule-free optimizers keep two points: train at one, evaluate at the other."""
+    if hasattr(opt, "train") and hasattr(opt, "eval") and not isinstance(opt, LearnedOptimizer):
+        opt.train() if train else opt.eval()
+
+
+def run_one(task_name: str, kind: str, lr, seed: int, weights, schedule: str = "constant",
+            loss_scale: float = 1.0, curve_points: int = 100, make_opt=None) -> Dict:
+    """Train one task with one optimizer, schedule, loss factor and seed. ``make_opt(model)``,
+    if given, builds the optimizer instead of ``kind``/``lr``/``weights`` (``kind`` still says
+    whether ``step`` gets the loss: it does for "learned")."""
     spec = TASKS[task_name]
     train, valid = spec["data"]()
     torch.manual_seed(1000 + seed)
     model = spec["model"]()
-    opt = make_opt(model) if make_opt is not None else make_optimizer(kind, model.parameters(), lr, weights)
-    g = torch.Generator().manual_seed(2000 + seed)
     n, steps, bs, loss_fn = train[0].shape[0], spec["steps"], spec["batch"], spec["loss"]
-    init_train = full_loss(model, loss_fn, train)
+    opt = make_opt(model) if make_opt is not None else make_optimizer(kind, model.parameters(), lr, weights,
+                                                                      steps, schedule)
+    sched = None
+    if schedule == "cosine" and kind != "sf_adamw":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps))
+    elif schedule != "constant" and schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}")
+    g = torch.Generator().manual_seed(2000 + seed)
+    init_train = evaluate(model, spec, train)[0]
     every = max(1, steps // curve_points)
     curve, window, t_opt = [], [], 0.0
+    recent = collections.deque(maxlen=SPIKE_WINDOW)
+    spike = 0.0
     finite = True
+    _set_mode(opt, True)
     for t in range(steps):
         idx = torch.randint(0, n, (bs,), generator=g)
         loss = loss_fn(model(train[0][idx]), train[1][idx])
+        scaled = loss * loss_scale if loss_scale != 1.0 else loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
         t0 = time.perf_counter()
         if kind == "learned":
-            opt.step(loss=loss.detach())
+            opt.step(loss=scaled.detach())
         else:
             opt.step()
         t_opt += time.perf_counter() - t0
+        if sched is not None:
+            sched.step()
         v = float(loss.detach())
+        if 2 * t >= steps and len(recent) == SPIKE_WINDOW:
+            med = statistics.median(recent)
+            if med > 0:
+                spike = max(spike, v / med)
+        recent.append(v)
         window.append(v)
         if (t + 1) % every == 0:
             curve.append(sum(window) / len(window))
@@ -240,12 +167,18 @@ def run_one(task_name: str, kind: str, lr, seed: int, weights, curve_points=100,
         if not math.isfinite(v):
             finite = False
             break
-    final_train = full_loss(model, loss_fn, train) if finite else float("nan")
-    final_valid = full_loss(model, loss_fn, valid) if finite else float("nan")
+    _set_mode(opt, False)
+    nan = float("nan")
+    final_train, train_acc = evaluate(model, spec, train) if finite else (nan, None)
+    final_valid, valid_acc = evaluate(model, spec, valid) if finite else (nan, None)
     diverged = (not finite or not math.isfinite(final_train) or not math.isfinite(final_valid)
                 or final_train > init_train)
-    return {"task": task_name, "kind": kind, "lr": lr, "seed": seed, "initial_train_loss": init_train,
-            "final_train_loss": final_train, "final_valid_loss": final_valid, "diverged": diverged,
+    with torch.no_grad():
+        norm = math.sqrt(sum(float(p.double().pow(2).sum()) for p in model.parameters()))
+    return {"task": task_name, "kind": kind, "lr": lr, "seed": seed, "schedule": schedule,
+            "loss_scale": loss_scale, "initial_train_loss": init_train, "final_train_loss": final_train,
+            "final_valid_loss": final_valid, "train_accuracy": train_acc, "valid_accuracy": valid_acc,
+            "diverged": diverged, "max_spike": spike, "param_norm": norm,
             "ms_per_step": 1e3 * t_opt / steps, "steps": steps, "curve_every": every, "curve": curve,
             "parameters": sum(p.numel() for p in model.parameters())}
 
@@ -259,73 +192,172 @@ def mean_final_loss(task_name: str, kind: str, lr, seeds: int, weights, divide_b
 
 
 def key(r):
-    return (r["task"], r["kind"], r["lr"], r["seed"])
+    return (r["task"], r["kind"], r["lr"], r["seed"], r.get("schedule", "constant"), r.get("loss_scale", 1.0))
 
 
-def summarise(runs: List[Dict], tasks: List[str], seeds: int) -> Dict:
-    def mean(xs):
-        return sum(xs) / len(xs) if xs else float("nan")
-
-    def pick(task, kind, lr=None):
-        return [r for r in runs if r["task"] == task and r["kind"] == kind and (lr is None or r["lr"] == lr)]
-
-    table = {}
-    for task in tasks:
-        row = {}
-        for kind in ("learned", "learned_noloss"):
-            rs = pick(task, kind)
-            row[kind] = agg(rs, mean)
-        row["adam_1e-3"] = agg(pick(task, "adam", 1e-3), mean)
-        for kind in ("adam", "adamw", "sgd"):
-            best = min(LRS[kind], key=lambda lr: _nan_high(mean([r["final_train_loss"] for r in pick(task, kind, lr)])))
-            row[f"{kind}_tuned"] = dict(agg(pick(task, kind, best), mean), lr=best)
-        row["parameters"] = runs[[r["task"] for r in runs].index(task)]["parameters"]
-        row["steps"] = TASKS[task]["steps"]
-        table[task] = row
-    counts = {}
-    for kind in ("learned", "learned_noloss"):
-        beats_adam = sum(table[t][kind]["train"] < table[t]["adam_1e-3"]["train"] for t in tasks)
-        ties_tuned = sum(table[t][kind]["train"] <= 1.02 * table[t]["adam_tuned"]["train"] for t in tasks)
-        diverged = sum(table[t][kind]["diverged"] for t in tasks)
-        counts[kind] = {"beats_adam_1e-3": beats_adam, "beats_or_ties_tuned_adam": ties_tuned,
-                        "tasks_with_a_diverged_seed": diverged, "tasks": len(tasks)}
-    return {"table": table, "counts": counts}
+# ------------------------------------------------------------------------- summarising
 
 
-def _nan_high(x):
-    return x if math.isfinite(x) else float("inf")
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
-def agg(rs, mean):
-    tr = [r["final_train_loss"] for r in rs]
-    return {"train": mean(tr) if all(math.isfinite(x) for x in tr) else float("nan"),
-            "train_std": statistics.pstdev(tr) if len(tr) > 1 and all(math.isfinite(x) for x in tr) else float("nan"),
-            "valid": mean([r["final_valid_loss"] for r in rs]),
-            "ms_per_step": mean([r["ms_per_step"] for r in rs]),
+def _finite_mean(xs):
+    return _mean(xs) if xs and all(x is not None and math.isfinite(x) for x in xs) else float("nan")
+
+
+def _high(x):
+    return x if x is not None and math.isfinite(x) else float("inf")
+
+
+def agg(rs: List[Dict]) -> Dict:
+    return {"valid": _finite_mean([r["final_valid_loss"] for r in rs]),
+            "valid_acc": _mean([r.get("valid_accuracy") for r in rs]),
+            "train": _finite_mean([r["final_train_loss"] for r in rs]),
+            "param_norm": _mean([r.get("param_norm") for r in rs]),
+            "max_spike": max([r.get("max_spike", 0.0) for r in rs], default=0.0),
+            "ms_per_step": _mean([r["ms_per_step"] for r in rs]),
             "diverged": sum(r["diverged"] for r in rs), "seeds": len(rs)}
 
 
+def _pick(runs, task, kind, lr="any", schedule="constant", loss_scale=1.0):
+    return [r for r in runs if r["task"] == task and r["kind"] == kind and (lr == "any" or r["lr"] == lr)
+            and r.get("schedule", "constant") == schedule and r.get("loss_scale", 1.0) == loss_scale]
+
+
+def table_for(runs, tasks, schedule: str) -> Dict:
+    """Per task: the learned optimizer, Adam 1e-3, Adam tuned on validation loss (constant
+    schedule only), the three peers and the best of them by validation loss."""
+    table = {}
+    for task in tasks:
+        row = {k: agg(_pick(runs, task, k, schedule=schedule)) for k in ("learned", "learned_noloss") + PEERS}
+        row["adam_1e-3"] = agg(_pick(runs, task, "adam", 1e-3, schedule))
+        if schedule == "constant":
+            best = min(ADAM_LRS, key=lambda lr: _high(agg(_pick(runs, task, "adam", lr))["valid"]))
+            row["adam_tuned"] = dict(agg(_pick(runs, task, "adam", best)), lr=best)
+        peer = min(PEERS, key=lambda k: _high(row[k]["valid"]))
+        row["best_peer"] = dict(row[peer], name=peer)
+        first = _pick(runs, task, "adam", 1e-3, schedule)
+        row["parameters"] = first[0]["parameters"] if first else None
+        row["steps"] = TASKS[task]["steps"]
+        table[task] = row
+    return table
+
+
+def counts_for(table: Dict) -> Dict:
+    out = {}
+    tasks = list(table)
+    for kind in ("learned", "learned_noloss"):
+        c = {"tasks": len(tasks)}
+        val = lambda t, k: _high(table[t][k]["valid"])  # noqa: E731
+        c["valid_below_adam_1e-3"] = sum(val(t, kind) < val(t, "adam_1e-3") for t in tasks)
+        c["valid_below_best_peer"] = sum(val(t, kind) < val(t, "best_peer") for t in tasks)
+        if all("adam_tuned" in table[t] for t in tasks):
+            c["valid_within_2pct_of_tuned_adam"] = sum(val(t, kind) <= 1.02 * val(t, "adam_tuned") for t in tasks)
+        with_acc = [t for t in tasks if table[t][kind]["valid_acc"] is not None
+                    and table[t]["adam_1e-3"]["valid_acc"] is not None]
+        gaps = {t: table[t][kind]["valid_acc"] - table[t]["adam_1e-3"]["valid_acc"] for t in with_acc}
+        c["accuracy_tasks"] = len(with_acc)
+        c["accuracy_not_below_adam_1e-3_by_0.5pt"] = sum(gaps[t] >= -0.005 for t in with_acc)
+        c["worst_accuracy_gap_vs_adam_1e-3"] = min(gaps.values()) if gaps else None
+        c["train_below_adam_1e-3"] = sum(_high(table[t][kind]["train"]) < _high(table[t]["adam_1e-3"]["train"])
+                                         for t in tasks)
+        c["tasks_with_a_diverged_seed"] = sum(table[t][kind]["diverged"] > 0 for t in tasks)
+        c["tasks_with_a_spike_over_10x"] = sum(table[t][kind]["max_spike"] > 10 for t in tasks)
+        out[kind] = c
+    out["adam_1e-3_tasks_with_a_spike_over_10x"] = sum(table[t]["adam_1e-3"]["max_spike"] > 10 for t in tasks)
+    return out
+
+
+def loss_scale_table(runs, tasks, scales) -> Dict:
+    """Held-out loss with the training loss multiplied by each factor, over the unscaled run's."""
+    out = {}
+    for kind in ("learned", "learned_noloss", "adam"):
+        lr = 1e-3 if kind == "adam" else None
+        rows = {}
+        for task in tasks:
+            base = agg(_pick(runs, task, kind, lr))["valid"]
+            rows[task] = {str(s): agg(_pick(runs, task, kind, lr, loss_scale=s))["valid"] / base for s in scales}
+        worst = max((abs(r - 1) for row in rows.values() for r in row.values() if math.isfinite(r)), default=None)
+        within = sum(all(math.isfinite(r) and abs(r - 1) <= 0.15 for r in row.values()) for row in rows.values())
+        out[kind] = {"ratios": rows, "tasks_within_15pct": within, "tasks": len(tasks), "worst": worst}
+    return out
+
+
+def summarise(runs: List[Dict], tasks: List[str], schedules, scales) -> Dict:
+    out = {}
+    for sched in schedules:
+        table = table_for(runs, tasks, sched)
+        out[sched] = {"table": table, "counts": counts_for(table)}
+    if scales:
+        out["loss_scale"] = loss_scale_table(runs, tasks, scales)
+    return out
+
+
+def _fmt(x, acc=None):
+    if x is None or not math.isfinite(x):
+        return "nan"
+    s = f"{x:.4g}"
+    return s + (f" / {100 * acc:.1f}%" if acc is not None else "")
+
+
+def _signed_points(gap):
+    return "n/a" if gap is None else f"{100 * gap:+.2f} points"
+
+
 def markdown(summary: Dict, weights_name: str) -> str:
-    lines = [f"Learned optimizer weights: `{weights_name}`. Final training loss (mean over seeds), "
-             "validation loss in brackets, optimizer step time in ms.", "",
-             "| task | params | steps | learned (loss passed) | learned (no loss) | Adam 1e-3 | Adam tuned | "
-             "AdamW tuned | SGD+mom tuned |", "|---|---|---|---|---|---|---|---|---|"]
-    for task, row in summary["table"].items():
-        def cell(c, lr=False):
-            s = f"{c['train']:.4g} ({c['valid']:.4g}) {c['ms_per_step']:.2f}ms"
-            if lr:
-                s += f" @{c['lr']:g}"
-            if c["diverged"]:
-                s += f" **{c['diverged']} diverged**"
-            return s
-        lines.append(f"| {task} | {row['parameters']:,} | {row['steps']:,} | {cell(row['learned'])} | "
-                     f"{cell(row['learned_noloss'])} | {cell(row['adam_1e-3'])} | {cell(row['adam_tuned'], True)} | "
-                     f"{cell(row['adamw_tuned'], True)} | {cell(row['sgd_tuned'], True)} |")
-    lines.append("")
-    for kind, c in summary["counts"].items():
-        lines.append(f"- `{kind}`: beats Adam 1e-3 on {c['beats_adam_1e-3']}/{c['tasks']} tasks; beats or ties "
-                     f"(within 2%) tuned Adam on {c['beats_or_ties_tuned_adam']}/{c['tasks']}; tasks with a "
-                     f"diverged seed: {c['tasks_with_a_diverged_seed']}.")
+    lines = [f"Learned optimizer weights: `{weights_name}`. Held-out loss / accuracy (mean over seeds); "
+             "training loss below.", ""]
+    for sched in ("constant", "cosine"):
+        if sched not in summary:
+            continue
+        table, counts = summary[sched]["table"], summary[sched]["counts"]
+        tuned = sched == "constant"
+        header = ["| task | learned (loss) | learned (no loss) | Adam 1e-3 | " + ("Adam tuned | " if tuned else "")
+                  + "AdamW | SF-AdamW | Prodigy |", "|---|---|---|---|" + ("---|" if tuned else "") + "---|---|---|"]
+
+        def cells(row):
+            return [row["learned"], row["learned_noloss"], row["adam_1e-3"]] + (
+                [row["adam_tuned"]] if tuned else []) + [row[k] for k in PEERS]
+        lines += [f"### {'Constant lr' if tuned else 'Warm-up and cosine decay'}", ""] + header
+        for task, row in table.items():
+            text = []
+            for c in cells(row):
+                s = _fmt(c["valid"], c["valid_acc"])
+                if c.get("lr") is not None and c is row.get("adam_tuned"):
+                    s += f" @{c['lr']:g}"
+                if c["diverged"]:
+                    s += f" **{c['diverged']} diverged**"
+                text.append(s)
+            lines.append(f"| {task} | " + " | ".join(text) + " |")
+        lines += ["", "Training loss:", ""] + header
+        for task, row in table.items():
+            lines.append(f"| {task} | " + " | ".join(_fmt(c["train"]) for c in cells(row)) + " |")
+        lines.append("")
+        for kind in ("learned", "learned_noloss"):
+            c = counts[kind]
+            n = c["tasks"]
+            lines.append(
+                f"- `{kind}`: held-out loss below Adam 1e-3 on {c['valid_below_adam_1e-3']}/{n}, below the best "
+                f"peer on {c['valid_below_best_peer']}/{n}"
+                + (f", within 2% of tuned Adam on {c['valid_within_2pct_of_tuned_adam']}/{n}"
+                   if "valid_within_2pct_of_tuned_adam" in c else "")
+                + f"; accuracy at most 0.5 points below Adam 1e-3 on "
+                f"{c['accuracy_not_below_adam_1e-3_by_0.5pt']}/{c['accuracy_tasks']} (least difference "
+                f"{_signed_points(c['worst_accuracy_gap_vs_adam_1e-3'])}); training loss below Adam 1e-3 on {c['train_below_adam_1e-3']}/{n}; tasks with a "
+                f"diverged seed {c['tasks_with_a_diverged_seed']}, with a spike over 10x "
+                f"{c['tasks_with_a_spike_over_10x']} (Adam 1e-3: {counts['adam_1e-3_tasks_with_a_spike_over_10x']}).")
+        lines.append("")
+    if "loss_scale" in summary:
+        lines += ["### Loss scale", "", "Held-out loss with the training loss multiplied by a factor, over the "
+                  "unscaled run's:", ""]
+        for kind, v in summary["loss_scale"].items():
+            ratios = "; ".join(f"{t} " + ", ".join(f"x{s}: {r:.3f}" for s, r in row.items())
+                               for t, row in v["ratios"].items())
+            lines.append(f"- `{kind}`{' 1e-3' if kind == 'adam' else ''}: within 15% on "
+                         f"{v['tasks_within_15pct']}/{v['tasks']} tasks. {ratios}")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -337,31 +369,47 @@ def plot(runs, tasks, path):
     except ImportError:
         print("matplotlib missing (pip install 'learned_opt[plot]'): no plot written")
         return
-    summary = summarise(runs, tasks, 0)["table"]
-    cols = 4
+    cols = 5
     rows = (len(tasks) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
-        shown = [("learned", None, "learned (loss passed)"), ("learned_noloss", None, "learned (no loss)"),
-                 ("adam", 1e-3, "Adam 1e-3"), ("adam", summary[task]["adam_tuned"]["lr"],
-                                               f"Adam tuned ({summary[task]['adam_tuned']['lr']:g})")]
-        for kind, lr, label in shown:
-            rs = [r for r in runs if r["task"] == task and r["kind"] == kind and (lr is None or r["lr"] == lr)]
+        for kind, lr, label in (("learned", None, "learned (loss)"), ("learned_noloss", None, "learned (no loss)"),
+                                ("adam", 1e-3, "Adam 1e-3"), ("adamw", None, "AdamW"),
+                                ("sf_adamw", None, "SF-AdamW"), ("prodigy", None, "Prodigy")):
+            rs = _pick(runs, task, kind, lr)
             if not rs or any(len(r["curve"]) != len(rs[0]["curve"]) for r in rs):
                 continue
             ys = [sum(c) / len(c) for c in zip(*[r["curve"] for r in rs])]
             xs = [(i + 1) * rs[0]["curve_every"] for i in range(len(ys))]
-            ax.plot(xs, ys, label=label, lw=1.2)
-        ax.set_title(task, fontsize=9)
+            ax.plot(xs, ys, label=label, lw=1.1)
+        ax.set_title(task + " (training loss)", fontsize=8)
         ax.set_yscale("log")
-        ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=6)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     print("wrote", path)
+
+
+def plan(tasks, seeds: int, schedules, scales) -> List[tuple]:
+    """(task, kind, lr, seed, schedule, loss_scale) of every run the comparison needs."""
+    todo = []
+    for t in tasks:
+        for s in range(seeds):
+            for sched in schedules:
+                for k, lrs in KINDS.items():
+                    for lr in (lrs if sched == "constant" else [DEFAULT_LR.get(k)]):
+                        todo.append((t, k, lr, s, sched, 1.0))
+            for f in scales:
+                for k in ("learned", "learned_noloss", "adam"):
+                    todo.append((t, k, DEFAULT_LR.get(k), s, "constant", f))
+    return todo
+
+
+def _worker(t, k, lr, s, sched, f, weights):
+    return run_one(t, k, lr, s, weights, schedule=sched, loss_scale=f)
 
 
 def main(argv=None):
@@ -370,10 +418,12 @@ def main(argv=None):
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--schedule", default="constant,cosine", help="constant and/or cosine, comma-separated")
+    ap.add_argument("--loss-scales", default="", help="factors for the loss-scale runs, e.g. 0.01,100")
     ap.add_argument("--prefix", default=os.path.join(RESULTS, "compare"),
                     help="writes PREFIX.json, PREFIX.md, PREFIX.png and the run cache PREFIX-runs.jsonl")
     ap.add_argument("--baselines-from", default=None, metavar="RUNS_JSONL",
-                    help="take the Adam/AdamW/SGD runs from another run cache (they do not depend on the weights)")
+                    help="take the runs that do not use the learned optimizer from another run cache")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs in parallel processes (--threads each); the losses are unaffected, but the "
                          "time-per-step column then measures a loaded machine")
@@ -385,6 +435,10 @@ def main(argv=None):
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"unknown tasks {unknown}; known: {sorted(TASKS)}")
+    schedules = [s for s in args.schedule.split(",") if s]
+    if not schedules or any(s not in ("constant", "cosine") for s in schedules) or "constant" not in schedules:
+        raise SystemExit("--schedule takes constant, or constant,cosine")
+    scales = [float(x) for x in args.loss_scales.split(",") if x]
     from learned_opt import load_weights
     _, info = load_weights(args.weights) if args.weights else load_weights()
     os.makedirs(os.path.dirname(os.path.abspath(args.prefix)), exist_ok=True)
@@ -399,28 +453,26 @@ def main(argv=None):
             theirs = [json.loads(line) for line in f if line.strip()]
         have = {key(r) for r in runs}
         new = [r for r in theirs if not r["kind"].startswith("learned") and r["task"] in tasks
-               and r["seed"] < args.seeds and key(r) not in have]
+               and r["seed"] < args.seeds and key(r) not in have and "valid_accuracy" in r]
         runs += new
         with open(cache, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in new)
         print(f"took {len(new)} baseline runs from {args.baselines_from}", flush=True)
     done = {key(r) for r in runs}
-    todo = [(t, k, lr, s) for t in tasks for s in range(args.seeds)
-            for k, lrs in [("learned", [None]), ("learned_noloss", [None])] + [(k, LRS[k]) for k in ("adam", "adamw", "sgd")]
-            for lr in lrs]
-    todo = [x for x in todo if x not in done]
+    todo = [x for x in plan(tasks, args.seeds, schedules, scales) if x not in done]
     print(f"{len(todo)} runs to do ({len(done)} cached), weights {info.name} ({info.checksum[:12]})", flush=True)
-    results = parallel_map(run_one, [(t, k, lr, s, args.weights) for t, k, lr, s in todo], args.jobs, args.threads)
-    for i, ((t, k, lr, s), r) in enumerate(zip(todo, results)):
+    results = parallel_map(_worker, [x + (args.weights,) for x in todo], args.jobs, args.threads)
+    for i, ((t, k, lr, s, sched, f), r) in enumerate(zip(todo, results)):
         if k.startswith("learned"):
             r["weights_checksum"] = info.checksum
         runs.append(r)
-        with open(cache, "a") as f:
-            f.write(json.dumps(r) + "\n")
-        print(f"[{i + 1}/{len(todo)}] {t} {k} lr={lr} seed={s}: train {r['final_train_loss']:.4g} "
-              f"valid {r['final_valid_loss']:.4g} {r['ms_per_step']:.2f} ms/step"
+        with open(cache, "a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        acc = "" if r["valid_accuracy"] is None else f" acc {r['valid_accuracy']:.3f}"
+        print(f"[{i + 1}/{len(todo)}] {t} {k} lr={lr} seed={s} {sched} x{f:g}: valid {r['final_valid_loss']:.4g}"
+              f"{acc} train {r['final_train_loss']:.4g} {r['ms_per_step']:.2f} ms/step"
               f"{' DIVERGED' if r['diverged'] else ''}", flush=True)
-    summary = summarise(runs, tasks, args.seeds)
+    summary = summarise(runs, tasks, schedules, scales)
     result = {"benchmark": "compare", "weights": {"name": info.name, "checksum": info.checksum},
               "threads": args.threads, "jobs": args.jobs, "seeds": args.seeds, "torch": torch.__version__,
               "largest_meta_training_task_params": LARGEST_META_TRAINING_TASK,

@@ -36,7 +36,7 @@ from . import native
 from .config import ArchConfig
 from .fast import _column_square_sums, combine_rows
 from .functional import (LOptState, TensorState, check_architecture, clip_amount, column_scale, compute_dtype,
-                         element_columns, fold_first_layer, lstm_cell, lstm_statistics, tensor_constants,
+                         element_columns, fold_first_layer, frozen_to_zero, grad_scale, lstm_cell, lstm_statistics, tensor_constants,
                          train_loss_statistics, update_clipper, validation_feature)
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows (members x elements) per chunk of the MLP pass
@@ -112,7 +112,7 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
     wb = dict(w)
     for k in _BIASES:
         wb[k] = w[k].unsqueeze(1)
-    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg).to(dt)
+    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg, grad_scale(glob, cfg)).to(dt)
     from_mlp = torch.stack([s.from_mlp.to(dt) for s in state.tensors], dim=1)
     from_lstm = state.glob.from_lstm.to(dt).unsqueeze(1).expand(-1, T, -1)
     h = torch.stack([s.lstm_h.to(dt) for s in state.tensors], dim=1)
@@ -200,6 +200,8 @@ def _mlp_torch(t, g, p, m, v, w, w0s, bias0, lr, cfg: ArchConfig, chunk_rows: in
             h = torch.baddbmm(w[f"mlp_b{i}"].unsqueeze(1), h, w[f"mlp_w{i}"]).relu_()
         out = torch.bmm(h, wl[..., :2]) + bl[:, None, :2]
         step = out[..., 0] * torch.exp(cfg.magnitude_rate * out[..., 1])
+        if cfg.freeze_untouched:
+            step = frozen_to_zero(step, v[:, a:a + rows])
         outs.append(p[:, a:a + rows] - lr * step)
         hsum = hsum + h.sum(1)
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), hsum
@@ -230,5 +232,5 @@ def _mlp_native(kernel, t, g, p, m, v, per_member, w0s, bias0, lr, cfg: ArchConf
     p_new = p.clone()
     hs = kernel.mlp_pass_members(g, p_new, m, v, amounts, cfg.rms_eps, w0s[:, t].contiguous(),
                                  bias0[:, t].contiguous(), hidden_w, hidden_b, w_dir, w_mag, b_dir, b_mag,
-                                 cfg.magnitude_rate, lr, 1.0)
+                                 cfg.magnitude_rate, lr, 1.0, cfg.freeze_untouched)
     return p_new, hs.to(p.dtype)

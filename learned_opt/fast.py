@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import native
 from .config import ArchConfig
-from .functional import column_scale, element_columns, fold_first_layer
+from .functional import column_scale, element_columns, fold_first_layer, frozen_to_zero
 
 DEFAULT_CHUNK = 1 << 14
 # On a GPU the step is bound by kernel launches, not by memory traffic, so it takes fewer,
@@ -317,7 +317,7 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
         for t in sorted(native_t):
             hs = kernel.mlp_pass(G[t], P[t], M[t], V[t], amount, cfg.rms_eps, w0s[t].contiguous(),
                                  bias0[t].contiguous(), hidden_w, hidden_b, w_dir, w_mag, float(b_dir),
-                                 float(b_mag), rate, float(lr[t]), float(decay[t]))
+                                 float(b_mag), rate, float(lr[t]), float(decay[t]), cfg.freeze_untouched)
             hsums.append(hs.to(dt))
             ids.append(t)
     for t, seg, p, g, m, v in _chunks((P, G, M, V, work.pack), plan):
@@ -336,6 +336,8 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
         for i in range(1, L):
             h = torch.addmm(w[f"mlp_b{i}"], h, w[f"mlp_w{i}"]).relu_()
         step = (torch.mv(h, w_dir) + b_dir) * torch.exp(rate * (torch.mv(h, w_mag) + b_mag))
+        if cfg.freeze_untouched:
+            step = frozen_to_zero(step, v)
         if seg is None:
             hsums.append(h.sum(0))
             ids.append(t)

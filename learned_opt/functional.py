@@ -80,11 +80,13 @@ def init_global_state(weights: Dict[str, Tensor], cfg: ArchConfig,
                       device=None) -> GlobalState:
     dev = device if device is not None else weights["init_from_lstm"].device
     z = lambda v=0.0: torch.tensor(v, dtype=torch.float64, device=dev)  # noqa: E731
+    # the clipper starts as if it had seen one gradient of RMS 1 (first clip: +-clip_mult), or,
+    # free of the gradient's scale, empty (the first step is not clipped)
+    clip_t, clip_value = (0.0, 0.0) if cfg.scale_free else (1.0, 1.0 - cfg.clip_decay)
     return GlobalState(
         step=z(), train_mean=z(), train_var=z(), train_count=z(),
         valid_mean=z(), valid_var=z(), valid_count=z(),
-        # the clipper starts as if it had seen one gradient of RMS 1 (first clip: +-clip_mult)
-        clip_t=z(1.0), clip_value=z(1.0 - cfg.clip_decay),
+        clip_t=z(clip_t), clip_value=z(clip_value),
         from_lstm=weights["init_from_lstm"].detach().to(dev, torch.float64).clone(),
     )
 
@@ -157,7 +159,9 @@ def normalised_loss(loss: Tensor, g: GlobalState, cfg: ArchConfig) -> Tensor:
     d = cfg.train_loss_decay
     mean = _corrected(g.train_mean, d, g.train_count)
     var = _corrected(g.train_var, d, g.train_count)
-    return torch.clamp((loss - mean) * torch.rsqrt(var + 1e-8), -5.0, 5.0)
+    # the floor of the variance: absolute, or relative to the loss's own size (scale_free)
+    floor = 1e-8 * mean * mean + 1e-30 if cfg.scale_free else 1e-8
+    return torch.clamp((loss - mean) * torch.rsqrt(var + floor), -5.0, 5.0)
 
 
 def _as_scalar(loss: Number, device) -> Tensor:
@@ -215,14 +219,29 @@ def validation_feature(g: GlobalState, cfg: ArchConfig) -> Tensor:
     return torch.where(seen, feat, torch.zeros_like(feat))
 
 
+def grad_scale(g: GlobalState, cfg: ArchConfig) -> Tensor:
+    """The clipper's bias-corrected running RMS of the gradients (inf before the first step of
+    a scale-free clipper, which starts empty)."""
+    value = g.clip_value / (1.0 - cfg.clip_decay ** g.clip_t)
+    if cfg.scale_free:
+        value = torch.where(g.clip_t > 0, value, torch.full_like(value, float("inf")))
+    return value
+
+
 def clip_amount(g: GlobalState, cfg: ArchConfig) -> Tensor:
-    return g.clip_value / (1.0 - cfg.clip_decay ** g.clip_t) * cfg.clip_mult
+    return grad_scale(g, cfg) * cfg.clip_mult
 
 
 def update_clipper(g: GlobalState, mean_sq_per_tensor: Tensor, cfg: ArchConfig) -> GlobalState:
-    """Running average of the RMS of the clipped gradients (mean over tensors of mean(g^2))."""
-    rms = torch.sqrt(1e-8 + mean_sq_per_tensor.to(torch.float64).mean(-1))
+    """Running average of the RMS of the clipped gradients (mean over tensors of mean(g^2));
+    with an absolute floor of 1e-8 under the mean square, or none (``cfg.scale_free``)."""
+    floor = 0.0 if cfg.scale_free else 1e-8
+    rms = torch.sqrt(floor + mean_sq_per_tensor.to(torch.float64).mean(-1))
     value = g.clip_value * cfg.clip_decay + rms * (1.0 - cfg.clip_decay)
+    if cfg.scale_free:  # a step whose gradients are all zero says nothing of their scale
+        seen = rms > 0
+        return g._replace(clip_t=torch.where(seen, g.clip_t + 1, g.clip_t),
+                          clip_value=torch.where(seen, value, g.clip_value))
     return g._replace(clip_t=g.clip_t + 1, clip_value=value)
 
 
@@ -251,15 +270,23 @@ def clip_log_ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def lstm_statistics(raw: Tensor, shapes, train_feat: Tensor, valid_feat: Tensor,
-                    cfg: Optional[ArchConfig] = None) -> Tensor:
+                    cfg: Optional[ArchConfig] = None, scale: Optional[Tensor] = None) -> Tensor:
     """The per-tensor LSTM statistics: 18, and 2 more with ``cfg.snr_stats``.
 
     ``raw`` is (T, 8): mean and variance of m (over elements and decays), of v and of p, then
     the sums of squares of p and of the clipped gradient. Leading dimensions (a population's
-    (M, T, 8), with loss features of shape (M,)) are carried through.
+    (M, T, 8), with loss features of shape (M,)) are carried through. With ``cfg.scale_free``,
+    ``scale`` is the running gradient RMS (:func:`grad_scale` after this step's
+    :func:`update_clipper`; () or (M,)), and the statistics of m, v and g are read in its units.
     """
     mean_m, var_m, mean_v, var_v, mean_p, var_p, ss_p, ss_g = raw.unbind(-1)
     lead = raw.shape[:-1]
+    if cfg is not None and cfg.scale_free:
+        if scale is None:
+            raise ValueError("scale_free statistics need the running gradient scale")
+        s = scale.to(raw.dtype).clamp_min(1e-30).unsqueeze(-1)  # over the tensor dimension
+        s2 = s * s
+        mean_m, var_m, mean_v, var_v, ss_g = mean_m / s, var_m / s2, mean_v / s2, var_v / (s2 * s2), ss_g / s2
     shp = torch.tensor(shape_features(shapes), dtype=raw.dtype, device=raw.device).expand(*lead, -1)
     cols = [
         clip_log_abs(mean_m), torch.sign(mean_m), clip_log_abs(var_m),
@@ -339,6 +366,12 @@ def element_columns(g: Tensor, p: Tensor, m: Tensor, v: Tensor, cfg: ArchConfig)
                       m, v, m * rs, rs], dim=-1)
 
 
+def frozen_to_zero(step: Tensor, v: Tensor) -> Tensor:
+    """``step`` (...,) set to 0 where every accumulator in ``v`` (..., D) is exactly zero: an
+    element that has never had a non-zero gradient (``ArchConfig.freeze_untouched``)."""
+    return torch.where((v != 0).any(-1), step, torch.zeros_like(step))
+
+
 def _per_tensor(value, n: int, name: str) -> List:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -405,7 +438,7 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     glob = update_clipper(glob, raw[:, 7] / torch.tensor(numels, dtype=raw.dtype, device=raw.device), cfg)
 
     # step 4: per-tensor LSTM
-    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg).to(dt)
+    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg, grad_scale(glob, cfg)).to(dt)
     from_mlp = torch.stack([state.tensors[i].from_mlp.to(dt) for i in active])
     from_lstm = state.glob.from_lstm.to(dt).expand(len(active), -1)
     h = torch.stack([state.tensors[i].lstm_h.to(dt) for i in active])

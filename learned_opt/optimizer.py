@@ -45,17 +45,31 @@ _GLOBAL_KEYS = {  # state key -> GlobalState field
 _UNSUPPORTED = ("foreach", "fused", "capturable", "differentiable")
 
 
+_INVALID = {"lr": "Invalid learning rate: {}", "weight_decay": "Invalid weight_decay value: {}"}
+
+
 def _check_number(name: str, value: Any) -> None:
+    """torch.optim's checks and wording: a float or a 1-element Tensor (any shape), >= 0; and
+    finite, which torch does not check."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must have exactly one element, got shape {tuple(value.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element")
         v = float(value.detach())
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
     else:
         raise TypeError(f"{name} must be a float or a one-element Tensor, got {type(value).__name__}")
     if not math.isfinite(v) or v < 0:
-        raise ValueError(f"Invalid {name} value: {value} (must be finite and >= 0)")
+        raise ValueError(_INVALID[name].format(value) + " (must be finite and >= 0)")
+
+
+def _scalar(value: Union[float, Tensor]) -> float:
+    """A group's lr or weight decay as a Python number (a Tensor of any 1-element shape)."""
+    return float(value.detach().reshape(())) if isinstance(value, Tensor) else float(value)
+
+
+def _is_process_group(x) -> bool:
+    return torch.distributed.is_available() and isinstance(x, torch.distributed.ProcessGroup)
 
 
 def _all_finite(tensors) -> bool:
@@ -83,6 +97,12 @@ class LearnedOptimizer(Optimizer):
         impl: ``"fast"`` (default) or ``"reference"`` (readable, slow; same results).
         chunk_size: elements per chunk of the fast path (bounds its transient memory).
             Default: 2^14 on the CPU (cache-sized), 2^20 on CUDA (fewer kernel launches).
+        loss_group: the data-parallel group over which a loss given to ``step`` is averaged
+            before it reaches the loss features, so that replicas with the same gradients
+            (DDP, Lightning's DDP, accelerate) take the same step. ``"auto"`` (default): the
+            default group whenever ``torch.distributed`` is initialised with more than one
+            process; ``None``: never; or a ``ProcessGroup``. Every rank must then pass a loss
+            at the same steps (the average is a collective call).
 
     ``step(closure=None, *, loss=None)``: the training loss feeds the optimizer's loss
     features; pass it as ``loss=`` or return it from the closure. Without it the
@@ -96,6 +116,7 @@ class LearnedOptimizer(Optimizer):
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, weight_decay: float = 0.0, *,
                  maximize: bool = False, weights: Union[str, MetaNetwork, None] = None,
                  impl: str = "fast", chunk_size: Optional[int] = None,
+                 loss_group: Any = "auto",
                  foreach: Optional[bool] = None, fused: Optional[bool] = None,
                  capturable: bool = False, differentiable: bool = False):
         for flag, val in (("foreach", foreach), ("fused", fused), ("capturable", capturable),
@@ -109,8 +130,11 @@ class LearnedOptimizer(Optimizer):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         _check_number("lr", lr)
         _check_number("weight_decay", weight_decay)
+        if not (loss_group is None or loss_group == "auto" or _is_process_group(loss_group)):
+            raise ValueError(f"loss_group must be 'auto', None or a torch.distributed ProcessGroup, got {loss_group!r}")
         self.impl = impl
         self.chunk_size = chunk_size
+        self.loss_group = loss_group
         self._set_weights(weights)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, maximize=maximize))
 
@@ -149,7 +173,16 @@ class LearnedOptimizer(Optimizer):
             param_group = dict(param_group, params=params)
             tensors = [p[1] if isinstance(p, tuple) else p for p in params]
             if len({id(t) for t in tensors}) != len(tensors):
-                raise ValueError("a param group contains duplicate parameters")
+                # torch.optim warns and keeps them (stepping such a parameter twice); one learned
+                # step per tensor is all this optimizer can mean, so it warns and keeps the first
+                warnings.warn("optimizer contains a parameter group with duplicate parameters; "
+                              "LearnedOptimizer keeps the first of each", UserWarning, stacklevel=3)
+                seen, unique = set(), []
+                for p, t in zip(params, tensors):
+                    if id(t) not in seen:
+                        seen.add(id(t))
+                        unique.append(p)
+                param_group = dict(param_group, params=unique)
         super().add_param_group(param_group)
 
     # --------------------------------------------------------------- state I/O
@@ -208,12 +241,39 @@ class LearnedOptimizer(Optimizer):
     def __getstate__(self):
         st = super().__getstate__()
         st.update(impl=self.impl, chunk_size=self.chunk_size, meta_config=self.meta_config,
-                  weights_info=self.weights_info, _weights=self._weights)
+                  weights_info=self.weights_info, _weights=self._weights,
+                  # a ProcessGroup does not pickle: a copy averages over the default group
+                  loss_group=self.loss_group if self.loss_group in (None, "auto") else "auto")
         return st
+
+    def _reduce_loss(self, loss):
+        """The loss averaged over ``loss_group`` (see the class docstring), as float64."""
+        group = self.loss_group
+        if group is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return loss
+        if group == "auto":
+            group = None  # the default group
+        dist = torch.distributed
+        world = dist.get_world_size(group)
+        if world <= 1:
+            return loss
+        dev = self._anchor().device if "nccl" in str(dist.get_backend(group)) else torch.device("cpu")
+        t = torch.as_tensor(loss, dtype=torch.float64).detach().to(dev).reshape(()).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t / world
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._weights_cache = {}
+        # as torch.optim.Adam does: groups saved without an option get its default, and
+        # counters saved as Python numbers become the tensors the step expects
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("weight_decay", 0.0)
+        for st in self.state.values():
+            for key, field in _GLOBAL_KEYS.items():
+                if key in st and field != "from_lstm" and not torch.is_tensor(st[key]):
+                    st[key] = torch.tensor(float(st[key]), dtype=torch.float64)
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
@@ -243,6 +303,11 @@ class LearnedOptimizer(Optimizer):
                 loss_value = loss.detach()
             else:
                 loss_value = float(loss)
+            # maximising: the features must see the objective the step descends on
+            groups = [g for g in self.param_groups if g["params"]]
+            if groups and all(g["maximize"] for g in groups):
+                loss_value = -loss_value
+            loss_value = self._reduce_loss(loss_value)
         else:
             loss_value = None
 
@@ -263,8 +328,8 @@ class LearnedOptimizer(Optimizer):
                 params.append(pr)
                 grads.append(-g if group["maximize"] else g)
                 owners.append(p)
-                lrs.append(group["lr"])
-                wds.append(group["weight_decay"])
+                lrs.append(_scalar(group["lr"]))
+                wds.append(_scalar(group["weight_decay"]))
         if not params:
             return loss
         devices = {p.device for p in params}

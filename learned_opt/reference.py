@@ -84,6 +84,8 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
         out = mlp(w, feats, cfg)
         d, mag = out[:, 0], out[:, 1]
         step = lrs[j] * d * torch.exp(cfg.magnitude_rate * mag)
+        if cfg.freeze_untouched:  # never a non-zero gradient: no step
+            step = torch.where((v.reshape(-1, D) != 0).any(-1), step, torch.zeros_like(step))
         new_params.append(p * (1 - lrs[j] * wds[j]) - step.reshape(p.shape))
         messages.append(out[:, 2:].mean(dim=0))
     return new_params, torch.stack(messages), work.mom, work.rms

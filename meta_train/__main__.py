@@ -40,6 +40,11 @@ def _add_train_args(ap):
     ap.add_argument("--rms-eps", type=float, default=d.rms_eps,
                     help="eps of 1/sqrt(v + eps) in the features (ArchConfig.rms_eps); starting weights keep "
                          "their values, so their updates change. 0: the starting weights' own")
+    ap.add_argument("--freeze-untouched", action="store_true",
+                    help="elements that never had a non-zero gradient take no step (ArchConfig.freeze_untouched)")
+    ap.add_argument("--scale-free", action="store_true",
+                    help="the step does not depend on the loss's scale (ArchConfig.scale_free); "
+                         "starting weights keep their values")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--ema", type=float, default=d.ema,

@@ -64,6 +64,9 @@ class MetaTrainConfig:
     # eps of 1/sqrt(v + eps) in the features (ArchConfig.rms_eps); 0: the starting weights' own.
     # Starting weights keep their values (MetaNetwork.with_rms_eps): not the same updates.
     rms_eps: float = 0.0
+    # ArchConfig.freeze_untouched and ArchConfig.scale_free (starting weights keep their values)
+    freeze_untouched: bool = False
+    scale_free: bool = False
     seed: int = 0
     checkpoint_every: int = 10
     # decay of an exponential moving average of theta, written beside the weights as
@@ -121,13 +124,16 @@ class MetaTrainConfig:
 
 def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False,
                   dual_snr: bool = False, magnitude_rate: float = 0.0,
-                  rms_eps: float = 0.0) -> Tuple[Dict[str, Tensor], ArchConfig]:
+                  rms_eps: float = 0.0, freeze_untouched: bool = False,
+                  scale_free: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
     """The starting weights and their architecture. With ``snr_stats`` or ``dual_snr``, weights
     without those inputs get them at zero weight (the same updates as the weights given); with
     ``absolute_snr``, the weights move to the architecture with unscaled m/sqrt(v) columns.
     Weights that have one of these cannot start a run that leaves it out. A positive
     ``magnitude_rate`` moves the weights to that rate with the same updates; a positive
-    ``rms_eps`` puts them on that eps of the features (not the same updates)."""
+    ``rms_eps`` puts them on that eps of the features (not the same updates);
+    ``freeze_untouched`` and ``scale_free`` switch those options on (``MetaNetwork.with_options``;
+    starting weights that have one cannot start a run that leaves it out)."""
     if init == "random":
         rate = {"magnitude_rate": magnitude_rate} if magnitude_rate else {}
         eps = {"rms_eps": rms_eps} if rms_eps else {}
@@ -146,6 +152,10 @@ def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False
             net = net.with_magnitude_rate(magnitude_rate)
         if rms_eps:
             net = net.with_rms_eps(rms_eps)
+        for flag, wanted in (("freeze_untouched", freeze_untouched), ("scale_free", scale_free)):
+            if getattr(net.config, flag) and not wanted:
+                raise ValueError(f"the starting weights {init!r} have {flag}: pass --{flag.replace('_', '-')}")
+    net = net.with_options(freeze_untouched=freeze_untouched, scale_free=scale_free)
     return {k: v.detach().clone() for k, v in net.weights().items()}, net.config
 
 
@@ -170,7 +180,8 @@ class MetaTrainer:
         self.progress = progress and rank == 0
         self.family = get_family(config.family, config.scale_augment, config.loss_scale_augment)
         self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats, config.absolute_snr,
-                                                    config.dual_snr, config.magnitude_rate, config.rms_eps)
+                                                    config.dual_snr, config.magnitude_rate, config.rms_eps,
+                                                    config.freeze_untouched, config.scale_free)
         self.names = list(self.theta)
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]

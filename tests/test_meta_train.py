@@ -258,7 +258,7 @@ def test_a_dying_worker_fails_the_run_and_resume_recovers(tmp_path):
 
 @pytest.mark.parametrize("name", ["mnist1d_mlp", "mnist1d_wide", "mnist1d_cnn", "mnist1d_small_batch", "deep_classifier",
                                   "teacher_student",
-                                  "logistic_regression", "markov_lm", "quadratic"])
+                                  "logistic_regression", "markov_lm", "quadratic", "overfit_mlp", "overfit_teacher"])
 def test_built_in_families_give_finite_losses_within_their_size(name):
     """Each family used for the shipped weights samples tasks with a finite loss and a gradient,
     no larger than the size that benchmarks/compare.py's held-out rule is measured against."""

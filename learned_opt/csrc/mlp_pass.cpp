@@ -155,7 +155,7 @@ template <int HV>
 void run(const float* g, float* p, const float* m, const float* v, int64_t n, int D, float amount,
          float rms_eps, const float* w0, const float* b0, const std::vector<const float*>& ws,
          const std::vector<const float*>& bs, const float* wdir, const float* wmag, float bdir,
-         float bmag, float rate, float lr, float decay, float* partial /* (blocks, H) */) {
+         float bmag, float rate, float lr, float decay, bool freeze, float* partial /* (blocks, H) */) {
   constexpr int H = HV * 8;
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t blo, int64_t bhi) {
     alignas(32) float h[kR][kMaxHidden], t[kR][kMaxHidden];
@@ -227,7 +227,8 @@ void run(const float* g, float* p, const float* m, const float* v, int64_t n, in
             ev[r + q] = rate * (bmag + hsum(ee[q]));
           }
         }
-        // the update of the tile: p <- p * decay - lr * d * exp(rate * mag)
+        // the update of the tile: p <- p * decay - lr * d * exp(rate * mag); with freeze, an
+        // element whose accumulators are all zero (never a non-zero gradient) takes no step
         for (int j = 0; j < rows; j += 8) {
           alignas(32) float ex[8];
           const v8 y = load8(ev + j);
@@ -235,7 +236,12 @@ void run(const float* g, float* p, const float* m, const float* v, int64_t n, in
           for (int i = 0; i < 8 && j + i < rows; ++i) {
             const float yi = ev[j + i];
             const float x = std::fabs(yi) < 87.f ? ex[i] : std::exp(yi);
-            p[t0 + j + i] = pc[j + i] * decay - lr * (dv[j + i] * x);
+            bool live = true;
+            if (freeze) {
+              live = false;
+              for (int d = 0; d < D; ++d) live = live || vt[(j + i) * D + d] != 0.f;
+            }
+            p[t0 + j + i] = live ? pc[j + i] * decay - lr * (dv[j + i] * x) : pc[j + i] * decay;
           }
         }
       }
@@ -263,7 +269,8 @@ void run_width(int H, A&&... a) {
 torch::Tensor mlp_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch::Tensor v,
                        double amount, double rms_eps, torch::Tensor w0, torch::Tensor b0,
                        std::vector<torch::Tensor> ws, std::vector<torch::Tensor> bs, torch::Tensor wdir,
-                       torch::Tensor wmag, double bdir, double bmag, double rate, double lr, double decay) {
+                       torch::Tensor wmag, double bdir, double bmag, double rate, double lr, double decay,
+                       bool freeze) {
   const int64_t n = p.numel();
   const int D = (int)(m.numel() / std::max<int64_t>(n, 1));
   const int H = (int)w0.size(1);
@@ -284,7 +291,7 @@ torch::Tensor mlp_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch:
   run_width(H, g.data_ptr<float>(), p.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), n, D,
             (float)amount, (float)rms_eps, w0.data_ptr<float>(), b0.data_ptr<float>(), wp, bp,
             wdir.data_ptr<float>(), wmag.data_ptr<float>(), (float)bdir, (float)bmag, (float)rate, (float)lr,
-            (float)decay, partial.data_ptr<float>());
+            (float)decay, freeze, partial.data_ptr<float>());
   return partial.to(torch::kDouble).sum(0);
 }
 
@@ -446,7 +453,7 @@ torch::Tensor mlp_pass_members(torch::Tensor g, torch::Tensor p, torch::Tensor m
                                std::vector<double> amounts, double rms_eps, torch::Tensor w0, torch::Tensor b0,
                                std::vector<torch::Tensor> ws, std::vector<torch::Tensor> bs, torch::Tensor wdir,
                                torch::Tensor wmag, std::vector<double> bdir, std::vector<double> bmag,
-                               double rate, double lr, double decay) {
+                               double rate, double lr, double decay, bool freeze) {
   const int64_t M = p.size(0);
   TORCH_CHECK(p.dim() == 2 && (int64_t)amounts.size() == M && (int64_t)bdir.size() == M && (int64_t)bmag.size() == M,
               "one amount and output bias per member expected");
@@ -475,7 +482,7 @@ torch::Tensor mlp_pass_members(torch::Tensor g, torch::Tensor p, torch::Tensor m
               v.data_ptr<float>() + i * n * D, n, D, (float)amounts[i], (float)rms_eps,
               w0.data_ptr<float>() + i * E * H, b0.data_ptr<float>() + i * H, wp, bp,
               wdir.data_ptr<float>() + i * H, wmag.data_ptr<float>() + i * H, (float)bdir[i], (float)bmag[i],
-              (float)rate, (float)lr, (float)decay, partial.data_ptr<float>() + i * blocks * H);
+              (float)rate, (float)lr, (float)decay, freeze, partial.data_ptr<float>() + i * blocks * H);
   }
   return partial.to(torch::kDouble).sum(1);
 }

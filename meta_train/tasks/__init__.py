@@ -9,8 +9,10 @@ def _families():
     from .images import DIGITS_MLP
     from .language import MARKOV_LM
     from .mnist1d import MNIST1D_CNN, MNIST1D_MLP, MNIST1D_SMALL_BATCH, MNIST1D_WIDE
+    from .overfit import OVERFIT_MLP, OVERFIT_TEACHER
     return {f.name: f for f in (QUADRATIC, TEACHER_STUDENT, LOGISTIC, MNIST1D_MLP, MNIST1D_WIDE,
-                                MNIST1D_CNN, MNIST1D_SMALL_BATCH, DIGITS_MLP, MARKOV_LM, DEEP_CLASSIFIER)}
+                                MNIST1D_CNN, MNIST1D_SMALL_BATCH, DIGITS_MLP, MARKOV_LM, DEEP_CLASSIFIER,
+                                OVERFIT_MLP, OVERFIT_TEACHER)}
 
 
 def family_names():
