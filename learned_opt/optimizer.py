@@ -135,6 +135,7 @@ class LearnedOptimizer(Optimizer):
         self.impl = impl
         self.chunk_size = chunk_size
         self.loss_group = loss_group
+        self._observed = None  # (sum, count) of the losses given to observe_loss since the last step
         self._set_weights(weights)
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, maximize=maximize))
 
@@ -265,6 +266,8 @@ class LearnedOptimizer(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._weights_cache = {}
+        self._observed = None
+        self.__dict__.setdefault("loss_group", "auto")
         # as torch.optim.Adam does: groups saved without an option get its default, and
         # counters saved as Python numbers become the tensors the step expects
         for group in self.param_groups:
@@ -289,6 +292,25 @@ class LearnedOptimizer(Optimizer):
         self._from_global(state.glob, st)
 
     @torch.no_grad()
+    def observe_loss(self, loss: Union[float, Tensor]) -> None:
+        """Remember a training loss for the next ``step()`` that is called without one.
+
+        For frameworks that call ``optimizer.step()`` themselves (HF Trainer, timm's scripts,
+        accelerate): call this where the loss is computed. Several calls before one step (as
+        with gradient accumulation) are averaged; the next step uses the average and forgets
+        it. A loss given to ``step`` itself, or returned by its closure, takes precedence.
+        ``learned_opt.observe_loss(optimizer, loss)`` finds this optimizer inside a
+        framework's wrapper."""
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+            loss = loss.detach().to(torch.float64).reshape(())
+        else:
+            loss = torch.tensor(float(loss), dtype=torch.float64)
+        total, count = self._observed if self._observed is not None else (0.0, 0)
+        self._observed = (total + loss, count + 1)
+
+    @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *, loss=None):
         """One optimisation step. Returns the loss (the closure's, or the one passed)."""
         if closure is not None:
@@ -296,6 +318,9 @@ class LearnedOptimizer(Optimizer):
                 raise ValueError("pass the loss either through the closure or as loss=, not both")
             with torch.enable_grad():
                 loss = closure()
+        observed, self._observed = self._observed, None
+        if loss is None and observed is not None:
+            loss = observed[0] / observed[1]
         if loss is not None:
             if isinstance(loss, Tensor):
                 if loss.numel() != 1:
@@ -367,3 +392,19 @@ class LearnedOptimizer(Optimizer):
                 st[key] = val if val.dtype == st[key].dtype else val.to(st[key].dtype)
         self._from_global(new_state.glob, glob_st)
         return loss
+
+
+def observe_loss(optimizer, loss: Union[float, Tensor]) -> None:
+    """``LearnedOptimizer.observe_loss`` on ``optimizer`` or on the optimizer a framework wraps
+    it in (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``: anything
+    that keeps it as ``.optimizer``, followed down a few levels). Raises ``TypeError`` if none is a
+    ``LearnedOptimizer``."""
+    opt = optimizer
+    for _ in range(5):
+        if isinstance(opt, LearnedOptimizer):
+            opt.observe_loss(loss)
+            return
+        opt = getattr(opt, "optimizer", None) or getattr(opt, "_optimizer", None)
+        if opt is None:
+            break
+    raise TypeError(f"no LearnedOptimizer in {type(optimizer).__name__}")
