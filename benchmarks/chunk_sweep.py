@@ -16,8 +16,6 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
 
 import step_overhead as so  # noqa: E402
 from common import interleaved_medians, write_result  # noqa: E402

@@ -35,8 +35,6 @@ import torch
 from torch import nn
 from torch.func import grad_and_value, vmap
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import interleaved_medians, write_result  # noqa: E402
 from learned_opt import ArchConfig, load_weights  # noqa: E402

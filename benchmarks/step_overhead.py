@@ -8,7 +8,7 @@ parameters sit in a few large matrices. Per size, interleaved repeat by repeat:
 * the median time of ``step()`` for LearnedOptimizer (default weights and settings, the loss
   passed), Adam(foreach=True) and Adam(fused=True); gradients are fixed random tensors;
 * the achieved GFLOP/s of the learned step, counting 2 x 1,824 flops per parameter (the
-  per-element MLP 23-32-32-2 of DESIGN section 2), against the fp32 matmul peak of this
+  per-element MLP 23-32-32-2 of docs/design.md), against the fp32 matmul peak of this
   machine measured in this run (median of 2048 x 2048 x 2048 products);
 * peak extra memory of one step in floats per parameter (resident-size high-water mark,
   measured in a child process per size, see ``benchmarks/memory.py``).
@@ -37,8 +37,6 @@ import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
 
 from common import interleaved_medians, write_result  # noqa: E402
 from learned_opt import LearnedOptimizer, native  # noqa: E402

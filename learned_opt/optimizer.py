@@ -72,6 +72,14 @@ def _is_process_group(x) -> bool:
     return torch.distributed.is_available() and isinstance(x, torch.distributed.ProcessGroup)
 
 
+def _is_dtensor(x) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(x, DTensor)
+
+
 def _all_finite(tensors) -> bool:
     """Whether every element of every tensor is finite. The fused per-tensor 2-norms are fast
     but overflow to inf on finite values beyond ~1e19, so a non-finite answer is confirmed
@@ -341,6 +349,11 @@ class LearnedOptimizer(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if _is_dtensor(p):
+                    raise NotImplementedError(
+                        "LearnedOptimizer does not support sharded (DTensor) parameters yet, as made by FSDP2's "
+                        "fully_shard or tensor parallelism: its per-tensor statistics need the whole tensor. "
+                        "Use DDP, or FSDP1 with use_orig_params=False")
                 g = p.grad
                 if g.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")

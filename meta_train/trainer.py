@@ -8,7 +8,7 @@ meta-losses (the mean over the truncation of the transformed inner loss)::
     TES: g = mean_j  z_j (L+_j - L-_j) / (2 sigma)
     PES: g = mean_j  A_j (L+_j - L-_j) / (2 sigma),  A_j = sum of z_j since the pair's task reset
 
-(``sigma z`` is the perturbation, so this is DESIGN's ``eps (L+ - L-) / (2 sigma^2)``.) Pairs
+(``sigma z`` is the perturbation ``eps``, so this is ``eps (L+ - L-) / (2 sigma^2)``.) Pairs
 whose meta-losses are not finite are left out of the mean and counted; a group whose
 parameters became non-finite is reset.
 """

@@ -4,7 +4,7 @@ A :class:`FunctionalModel` has ``init(seed) -> params`` and
 ``forward(params, x, step, stats=None) -> (output, batch_stats)``. ``step`` is the number of
 inner updates made so far (0 for the support pass before any update); models with per-step
 batch-norm weights (MAML++) use it to pick theirs. Batch norm is written by hand so that
-``vmap`` over tasks and second-order gradients are right (see DESIGN section 5).
+``vmap`` over tasks and second-order gradients are right (see docs/fewshot.md).
 ``from_module`` wraps any ``nn.Module`` of the user's (buffers are held fixed).
 """
 
