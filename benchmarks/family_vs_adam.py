@@ -2,13 +2,14 @@
 
 Samples tasks from a built-in family with the held-out seeds of ``meta_train eval`` (a stream
 meta-training never draws), trains each from the same initialisation and batches with every
-``--weights`` file (loss passed) and with Adam at lr 1e-3, and reports per task the mean batch
-loss over the last tenth of the run and the mean loss over 20 validation batches. A quick check
-of whether weights handle the kind of task a family holds, in distribution; the held-out
-comparison is ``compare.py``.
+``--weights`` file (loss passed, or not with ``--no-loss``) and with Adam at lr 1e-3, and
+reports per task the mean batch loss over the last tenth of the run and the mean loss over 20
+validation batches, and how many tasks each weights file wins against Adam on each. This is
+where snapshots and recipes are chosen (on families' held-out seeds, never on compare.py's
+suite); the held-out comparison is ``compare.py``.
 
-    python benchmarks/family_vs_adam.py --family deep_classifier [--tasks 8] [--steps 500]
-        [--weights W1,W2] [--out benchmarks/results/family_vs_adam-deep_classifier.json]
+    python benchmarks/family_vs_adam.py --family overfit_mlp [--tasks 8] [--steps 500] [--no-loss]
+        [--weights W1,W2] [--out benchmarks/results/family_vs_adam-overfit_mlp.json]
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 
 import torch
 
@@ -29,7 +29,7 @@ from meta_train.evaluate import held_out_seeds  # noqa: E402
 from meta_train.tasks import get_family  # noqa: E402
 
 
-def train(task, weights, steps: int):
+def train(task, weights, steps: int, pass_loss: bool = True):
     """(mean batch loss over the last tenth of the run, mean validation loss); ``weights`` None
     means Adam at lr 1e-3, "" the shipped default."""
     params = {k: v.clone().requires_grad_() for k, v in task.init(0).items()}
@@ -41,7 +41,7 @@ def train(task, weights, steps: int):
         loss = task.loss(params, task.batch("train", 0, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step() if adam else opt.step(loss=loss.detach())
+        opt.step() if adam or not pass_loss else opt.step(loss=loss.detach())
         if t >= steps - max(1, steps // 10):
             tail.append(float(loss.detach()))
     with torch.no_grad():
@@ -55,6 +55,7 @@ def main(argv=None):
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--weights", default="", help="comma-separated weights files; empty: the shipped default")
+    ap.add_argument("--no-loss", action="store_true", help="do not pass the loss to the learned optimizer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="default: benchmarks/results/family_vs_adam-FAMILY.json")
     args = ap.parse_args(argv)
@@ -63,22 +64,26 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     fam = get_family(args.family)
     weights = args.weights.split(",")
-    rows, wins = [], {w or "default": 0 for w in weights}
+    rows = []
+    wins = {m: {w or "default": 0 for w in weights} for m in ("train_tail", "valid")}
     for seed in held_out_seeds(args.tasks):
         task = fam.sample(seed)
         row = {"task": task.name, "adam_1e-3": dict(zip(("train_tail", "valid"), train(task, None, args.steps)))}
         for w in weights:
-            r = dict(zip(("train_tail", "valid"), train(task, w, args.steps)))
+            r = dict(zip(("train_tail", "valid"), train(task, w, args.steps, not args.no_loss)))
             row[w or "default"] = r
-            wins[w or "default"] += r["train_tail"] < row["adam_1e-3"]["train_tail"]
+            for m in wins:
+                wins[m][w or "default"] += r[m] < row["adam_1e-3"][m]
         rows.append(row)
         print(task.name, "  ".join(f"{k}: {v['train_tail']:.4g} ({v['valid']:.4g})"
                                    for k, v in row.items() if k != "task"), flush=True)
-    print("tasks where the learned optimizer's end-of-run training loss beats Adam 1e-3:",
-          {k: f"{v}/{args.tasks}" for k, v in wins.items()})
+    for m, label in (("train_tail", "end-of-run training loss"), ("valid", "validation loss")):
+        print(f"tasks where the learned optimizer's {label} beats Adam 1e-3:",
+              {k: f"{v}/{args.tasks}" for k, v in wins[m].items()})
     out = args.out or os.path.join(HERE, "results", f"family_vs_adam-{args.family}.json")
     write_result(out, "family_vs_adam.py", argv, {"family": args.family, "steps": args.steps,
-                                                  "wins_vs_adam": wins, "tasks": rows})
+                                                  "pass_loss": not args.no_loss, "wins_vs_adam": wins["train_tail"],
+                                                  "valid_wins_vs_adam": wins["valid"], "tasks": rows})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 
 import torch
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 from common import write_result  # noqa: E402
-from compare import TASKS, full_loss, make_optimizer  # noqa: E402
+from compare import TASKS, evaluate, make_optimizer  # noqa: E402
 
 
 def run(task: str, kind: str, weights, probe_at):
@@ -32,7 +31,7 @@ def run(task: str, kind: str, weights, probe_at):
     train, _ = spec["data"]()
     torch.manual_seed(1000)  # compare.py's seed 0
     model = spec["model"]()
-    opt = make_optimizer(kind, model.parameters(), 1e-3 if kind == "adam" else None, weights)
+    opt = make_optimizer(kind, model.parameters(), 1e-3 if kind == "adam" else None, weights, spec["steps"], "constant")
     g = torch.Generator().manual_seed(2000)
     n, steps, bs, loss_fn = train[0].shape[0], spec["steps"], spec["batch"], spec["loss"]
     params = [p for p in model.parameters()]
@@ -49,7 +48,7 @@ def run(task: str, kind: str, weights, probe_at):
             grad_rms = [float(p.grad.pow(2).mean().sqrt()) for p in params]
             rows.append({"step": t + 1, "batch_loss": float(loss.detach()), "update_rms": sum(rms) / len(rms),
                          "update_rms_per_tensor": rms, "grad_rms_per_tensor": grad_rms})
-    return {"rows": rows, "final_train_loss": full_loss(model, loss_fn, train)}
+    return {"rows": rows, "final_train_loss": evaluate(model, spec, train)[0]}
 
 
 def main(argv=None):

@@ -2,7 +2,6 @@
 of the README's *Using it with ...* section: HF Trainer, Lightning (resume included) and
 accelerate, each run where the package is installed."""
 
-import copy
 
 import pytest
 import torch
