@@ -179,7 +179,7 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     # elements, combined below exactly like the chunks' rows
     native_t = _native_ok(P, G, M, V, large, in_place)
     if native_t:
-        kernel, amt = native.get(), float(amount)
+        kernel, amt = native.get(wait=False), float(amount)
         for t in sorted(native_t):
             r, q = kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps)
             rows.append(r)
@@ -272,7 +272,7 @@ def _native_ok(P, G, M, V, large, in_place: bool) -> set:
         return set()
     ok = {t for t in large if P[t].dtype == torch.float32 and P[t].device.type == "cpu"
           and all(x.dtype == torch.float32 and x.is_contiguous() for x in (P[t], G[t], M[t], V[t]))}
-    if not ok or native.get() is None:
+    if not ok or native.get(wait=False) is None:
         return set()
     return ok
 

@@ -21,6 +21,7 @@ from typing import Optional
 _lock = threading.Lock()
 _module = None
 _failed: Optional[str] = None
+_thread: Optional[threading.Thread] = None
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "mlp_pass.cpp")
 
@@ -34,16 +35,14 @@ def enabled() -> bool:
 
 
 def _build():
-    import hashlib
-
     from torch.utils.cpp_extension import load
 
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:12]
-    name = f"learned_opt_native_{digest}"  # a changed source builds afresh
     errors = []
-    for flags in (["-O3", "-march=native", "-fno-math-errno"], ["-O3", "-fno-math-errno"]):
-        full = name + ("" if "-march=native" in flags else "_generic")
+    variants = [["-O3", "-march=native", "-fno-math-errno"], ["-O3", "-fno-math-errno"]]
+    if _cached(_name(False)) and not _cached(_name(True)):  # where -march=native failed before
+        variants.reverse()
+    for flags in variants:
+        full = _name("-march=native" in flags)
         if not _cached(full):
             print("learned_opt: compiling the native CPU kernel (once per machine, about a minute)...",
                   file=sys.stderr, flush=True)
@@ -52,6 +51,15 @@ def _build():
         except Exception as e:  # noqa: BLE001 - any build failure means: fall back
             errors.append(f"{' '.join(flags)}: {type(e).__name__}: {str(e).strip()[-400:]}")
     raise RuntimeError("\n".join(errors))
+
+
+def _name(native_arch: bool) -> str:
+    """The build's name: a changed source builds afresh."""
+    import hashlib
+
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    return f"learned_opt_native_{digest}" + ("" if native_arch else "_generic")
 
 
 def _cached(name: str) -> bool:
@@ -64,31 +72,56 @@ def _cached(name: str) -> bool:
         return False
 
 
-def get():
-    """The compiled module, or None where it is turned off or cannot be built."""
+def _build_now() -> None:
     global _module, _failed
+    with _lock:
+        if _module is not None or _failed is not None:
+            return
+        try:
+            _module = _build()
+        except Exception as e:  # noqa: BLE001
+            _failed = str(e)
+            if _strict():
+                raise RuntimeError(f"learned_opt: LEARNED_OPT_NATIVE=1 but the kernel did not build:\n{e}")
+            warnings.warn("learned_opt: the native CPU kernel did not build, so the fast path runs in "
+                          f"plain PyTorch (same results, slower). Set LEARNED_OPT_NATIVE=0 to skip the "
+                          f"attempt. Build error:\n{e}", RuntimeWarning, stacklevel=4)
+
+
+def _strict() -> bool:
+    return _setting() in ("1", "on", "true", "yes")
+
+
+def get(wait: bool = True):
+    """The compiled module, or None where it is turned off or cannot be built.
+
+    ``wait=False`` (what the optimizer's step asks) never waits for a compiler: where the
+    kernel was not built on this machine yet, the build starts in a background thread and
+    None comes back until it is ready, so steps run the plain-PyTorch path (same results up to
+    float rounding) meanwhile. A build cached from an earlier process loads at once.
+    ``LEARNED_OPT_NATIVE=1`` always waits (and makes a failed build an error)."""
+    global _thread
     if _module is not None or _failed is not None or not enabled():
         return _module
+    if wait or _strict() or _cached(_name(True)) or _cached(_name(False)):
+        _build_now()
+        return _module
     with _lock:
-        if _module is None and _failed is None:
-            try:
-                _module = _build()
-            except Exception as e:  # noqa: BLE001
-                _failed = str(e)
-                if _setting() in ("1", "on", "true", "yes"):
-                    raise RuntimeError(f"learned_opt: LEARNED_OPT_NATIVE=1 but the kernel did not build:\n{e}")
-                warnings.warn("learned_opt: the native CPU kernel did not build, so the fast path runs in "
-                              f"plain PyTorch (same results, slower). Set LEARNED_OPT_NATIVE=0 to skip the "
-                              f"attempt. Build error:\n{e}", RuntimeWarning, stacklevel=3)
+        if _thread is None:
+            print("learned_opt: compiling the native CPU kernel in the background (once per machine, about a "
+                  "minute); steps run in plain PyTorch until it is ready. `python -m learned_opt.build` builds "
+                  "it ahead of time.", file=sys.stderr, flush=True)
+            _thread = threading.Thread(target=_build_now, name="learned_opt-native-build", daemon=True)
+            _thread.start()
     return _module
 
 
 def status() -> str:
-    """'built', 'off', 'failed: ...' or 'not tried'."""
+    """'built', 'off', 'failed: ...', 'building' or 'not tried'."""
     if not enabled():
         return "off"
     if _module is not None:
         return "built"
     if _failed is not None:
         return "failed: " + _failed
-    return "not tried"
+    return "building" if _thread is not None else "not tried"

@@ -117,7 +117,7 @@ def test_kernel_is_not_used_under_autograd_or_for_float64(monkeypatch):
             calls.append(name)
             return getattr(mod, name)
 
-    monkeypatch.setattr(native, "get", lambda: Spy())
+    monkeypatch.setattr(native, "get", lambda wait=True: Spy())
     net = load_weights()[0]
     w, cfg = {k: v.detach() for k, v in net.weights().items()}, net.config
     ps, targets, scales = _problem()
