@@ -36,7 +36,7 @@ from . import native
 from .config import ArchConfig
 from .fast import _column_square_sums, combine_rows
 from .functional import (LOptState, TensorState, check_architecture, clip_amount, column_scale, compute_dtype,
-                         element_columns, fold_first_layer, frozen_to_zero, grad_scale, lstm_cell, lstm_statistics, tensor_constants,
+                         element_columns, fold_first_layer, frozen_to_zero, gradient_factor, lstm_cell, lstm_statistics, tensor_constants,
                          train_loss_statistics, update_clipper, validation_feature)
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows (members x elements) per chunk of the MLP pass
@@ -78,6 +78,10 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
     else:
         glob, train_feat = train_loss_statistics(glob, loss.detach().to(dev, f64).reshape(Mb), cfg)
     valid_feat = validation_feature(glob, cfg)
+    if cfg.scale_free:  # each member's gradients in units of its first one's RMS
+        mean_sq = torch.stack([x.reshape(Mb, -1).to(f64).pow(2).mean(1) for x in grads]).mean(0)
+        glob, factor = gradient_factor(glob, mean_sq, cfg)
+        grads = [x * factor.to(dt).view(Mb, *([1] * (x.dim() - 1))) for x in grads]
     amount = clip_amount(glob, cfg).to(dt)  # (M,)
     amt = amount.unsqueeze(-1)
 
@@ -112,7 +116,7 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
     wb = dict(w)
     for k in _BIASES:
         wb[k] = w[k].unsqueeze(1)
-    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg, grad_scale(glob, cfg)).to(dt)
+    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg).to(dt)
     from_mlp = torch.stack([s.from_mlp.to(dt) for s in state.tensors], dim=1)
     from_lstm = state.glob.from_lstm.to(dt).unsqueeze(1).expand(-1, T, -1)
     h = torch.stack([s.lstm_h.to(dt) for s in state.tensors], dim=1)

@@ -22,11 +22,6 @@ N_ELEMENT_BASE = 3
 TIMESCALES: Tuple[float, ...] = (1, 3, 10, 30, 100, 300, 1000, 3000, 10000, 30000, 100000)
 # Number of shape dimensions given to the LSTM; higher ranks fold their leading dims.
 N_SHAPE_DIMS = 4
-# ArchConfig.scale_free: the largest rms_eps and norm_eps it accepts, and the eps it is given by
-# MetaNetwork.with_options. Both eps are absolute floors under squared gradient sizes; at 1e-30
-# they are below any float32 gradient that matters and far above float32's smallest normal.
-SCALE_FREE_MAX_EPS = 1e-20
-SCALE_FREE_EPS = 1e-30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,23 +68,23 @@ class ArchConfig:
     # its p columns move such elements (a padding row of an embedding drifts, and every unused
     # weight with it), which inflates weights that no loss asked to change.
     freeze_untouched: bool = False
-    # Make the step independent of the loss's scale, as Adam's is (up to eps): the LSTM's
-    # magnitude statistics of m, v and g are read relative to the running RMS of the gradients
-    # (the clipper's average) instead of in absolute units, that average is kept without its
-    # absolute 1e-8 floor and starts empty (the first step is not clipped), and the loss
-    # features' variance floor is relative to the loss. Everything else the networks read is
-    # already free of the gradient's scale (the element columns are divided by their RMS over
-    # the tensor) or depends on it only through ``rms_eps``.
+    # Make the step independent of the loss's scale, as Adam's is: every gradient is multiplied
+    # by grad_reference / s, with s the RMS of the first non-zero gradient the optimizer saw
+    # (over all its tensors; kept in the state as ``grad_ref``). A loss k times larger gives
+    # gradients k times larger at every step and an s k times larger, so the network reads
+    # exactly the same inputs (the loss features' variance floor is made relative to the loss
+    # as well). The gradients keep their course over the run relative to that start, which the
+    # network uses (how much they have shrunk); a running normaliser would erase it. The
+    # network then sees gradients of RMS grad_reference at the start, about what the
+    # meta-training tasks start with (0.005 to 0.5, most near 0.02).
     scale_free: bool = False
+    grad_reference: float = 0.02
 
     def __post_init__(self):
-        for name in ("magnitude_rate", "rms_eps", "norm_eps"):
+        for name in ("magnitude_rate", "rms_eps", "norm_eps", "grad_reference"):
             value = getattr(self, name)
             if not (0 < value < float("inf")):
                 raise ValueError(f"{name} must be positive and finite, got {value}")
-        if self.scale_free and max(self.rms_eps, self.norm_eps) > SCALE_FREE_MAX_EPS:
-            raise ValueError(f"scale_free needs rms_eps and norm_eps at most {SCALE_FREE_MAX_EPS} (absolute "
-                             f"floors that large set a scale), got {self.rms_eps} and {self.norm_eps}")
         if self.absolute_snr and self.dual_snr:
             raise ValueError("absolute_snr and dual_snr exclude each other (dual_snr already has "
                              "the unscaled m/sqrt(v) columns, beside the scaled ones)")

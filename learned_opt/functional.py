@@ -66,6 +66,16 @@ class GlobalState(NamedTuple):
     clip_t: Tensor
     clip_value: Tensor
     from_lstm: Tensor  # (from_lstm,) shared message
+    # RMS of the first non-zero gradient (ArchConfig.scale_free; 0 until then, unused without it)
+    grad_ref: Tensor
+
+    @classmethod
+    def from_saved(cls, fields) -> "GlobalState":
+        """From a saved list of fields; lists saved before ``grad_ref`` existed get it at 0."""
+        fields = list(fields)
+        if len(fields) == len(cls._fields) - 1:
+            fields.append(torch.zeros_like(fields[0]))
+        return cls(*fields)
 
 
 class LOptState(NamedTuple):
@@ -80,13 +90,11 @@ def init_global_state(weights: Dict[str, Tensor], cfg: ArchConfig,
                       device=None) -> GlobalState:
     dev = device if device is not None else weights["init_from_lstm"].device
     z = lambda v=0.0: torch.tensor(v, dtype=torch.float64, device=dev)  # noqa: E731
-    # the clipper starts as if it had seen one gradient of RMS 1 (first clip: +-clip_mult), or,
-    # free of the gradient's scale, empty (the first step is not clipped)
-    clip_t, clip_value = (0.0, 0.0) if cfg.scale_free else (1.0, 1.0 - cfg.clip_decay)
     return GlobalState(
         step=z(), train_mean=z(), train_var=z(), train_count=z(),
         valid_mean=z(), valid_var=z(), valid_count=z(),
-        clip_t=z(clip_t), clip_value=z(clip_value),
+        # the clipper starts as if it had seen one gradient of RMS 1 (first clip: +-clip_mult)
+        clip_t=z(1.0), clip_value=z(1.0 - cfg.clip_decay), grad_ref=z(),
         from_lstm=weights["init_from_lstm"].detach().to(dev, torch.float64).clone(),
     )
 
@@ -219,30 +227,28 @@ def validation_feature(g: GlobalState, cfg: ArchConfig) -> Tensor:
     return torch.where(seen, feat, torch.zeros_like(feat))
 
 
-def grad_scale(g: GlobalState, cfg: ArchConfig) -> Tensor:
-    """The clipper's bias-corrected running RMS of the gradients (inf before the first step of
-    a scale-free clipper, which starts empty)."""
-    value = g.clip_value / (1.0 - cfg.clip_decay ** g.clip_t)
-    if cfg.scale_free:
-        value = torch.where(g.clip_t > 0, value, torch.full_like(value, float("inf")))
-    return value
-
-
 def clip_amount(g: GlobalState, cfg: ArchConfig) -> Tensor:
-    return grad_scale(g, cfg) * cfg.clip_mult
+    return g.clip_value / (1.0 - cfg.clip_decay ** g.clip_t) * cfg.clip_mult
 
 
 def update_clipper(g: GlobalState, mean_sq_per_tensor: Tensor, cfg: ArchConfig) -> GlobalState:
-    """Running average of the RMS of the clipped gradients (mean over tensors of mean(g^2));
-    with an absolute floor of 1e-8 under the mean square, or none (``cfg.scale_free``)."""
-    floor = 0.0 if cfg.scale_free else 1e-8
-    rms = torch.sqrt(floor + mean_sq_per_tensor.to(torch.float64).mean(-1))
+    """Running average of the RMS of the clipped gradients (mean over tensors of mean(g^2))."""
+    rms = torch.sqrt(1e-8 + mean_sq_per_tensor.to(torch.float64).mean(-1))
     value = g.clip_value * cfg.clip_decay + rms * (1.0 - cfg.clip_decay)
-    if cfg.scale_free:  # a step whose gradients are all zero says nothing of their scale
-        seen = rms > 0
-        return g._replace(clip_t=torch.where(seen, g.clip_t + 1, g.clip_t),
-                          clip_value=torch.where(seen, value, g.clip_value))
     return g._replace(clip_t=g.clip_t + 1, clip_value=value)
+
+
+def gradient_factor(g: GlobalState, mean_sq: Tensor, cfg: ArchConfig) -> Tuple[GlobalState, Tensor]:
+    """``ArchConfig.scale_free``: the factor ``grad_reference / s`` that this step's gradients
+    are multiplied by, and the state with ``s`` (``grad_ref``) set where this is the first step
+    with a finite, non-zero gradient. ``mean_sq`` is the mean over tensors of mean(g^2), () or a
+    population's (M,). Elementwise, so it works under vmap and for populations."""
+    rms = torch.sqrt(mean_sq.to(torch.float64))
+    usable = torch.isfinite(rms) & (rms > 0)
+    ref = torch.where(g.grad_ref > 0, g.grad_ref, torch.where(usable, rms, torch.zeros_like(rms)))
+    factor = torch.where(ref > 0, cfg.grad_reference / torch.where(ref > 0, ref, torch.ones_like(ref)),
+                         torch.ones_like(ref))
+    return g._replace(grad_ref=ref), factor
 
 
 def clip_log_abs(x: Tensor) -> Tensor:
@@ -270,23 +276,15 @@ def clip_log_ratio(num: Tensor, den: Tensor) -> Tensor:
 
 
 def lstm_statistics(raw: Tensor, shapes, train_feat: Tensor, valid_feat: Tensor,
-                    cfg: Optional[ArchConfig] = None, scale: Optional[Tensor] = None) -> Tensor:
+                    cfg: Optional[ArchConfig] = None) -> Tensor:
     """The per-tensor LSTM statistics: 18, and 2 more with ``cfg.snr_stats``.
 
     ``raw`` is (T, 8): mean and variance of m (over elements and decays), of v and of p, then
     the sums of squares of p and of the clipped gradient. Leading dimensions (a population's
-    (M, T, 8), with loss features of shape (M,)) are carried through. With ``cfg.scale_free``,
-    ``scale`` is the running gradient RMS (:func:`grad_scale` after this step's
-    :func:`update_clipper`; () or (M,)), and the statistics of m, v and g are read in its units.
+    (M, T, 8), with loss features of shape (M,)) are carried through.
     """
     mean_m, var_m, mean_v, var_v, mean_p, var_p, ss_p, ss_g = raw.unbind(-1)
     lead = raw.shape[:-1]
-    if cfg is not None and cfg.scale_free:
-        if scale is None:
-            raise ValueError("scale_free statistics need the running gradient scale")
-        s = scale.to(raw.dtype).clamp_min(1e-30).unsqueeze(-1)  # over the tensor dimension
-        s2 = s * s
-        mean_m, var_m, mean_v, var_v, ss_g = mean_m / s, var_m / s2, mean_v / s2, var_v / (s2 * s2), ss_g / s2
     shp = torch.tensor(shape_features(shapes), dtype=raw.dtype, device=raw.device).expand(*lead, -1)
     cols = [
         clip_log_abs(mean_m), torch.sign(mean_m), clip_log_abs(var_m),
@@ -430,6 +428,9 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     numels = [params[i].numel() for i in active]
 
     glob, train_feat = update_training_loss(state.glob, loss, cfg)
+    if cfg.scale_free:  # gradients in units of the first one's RMS
+        glob, factor = gradient_factor(glob, torch.stack([(x.double() * x.double()).mean() for x in G]).mean(), cfg)
+        G = [x * factor.to(dt) for x in G]
     valid_feat = validation_feature(glob, cfg)
     amount = clip_amount(glob, cfg).to(dt)
 
@@ -438,7 +439,7 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     glob = update_clipper(glob, raw[:, 7] / torch.tensor(numels, dtype=raw.dtype, device=raw.device), cfg)
 
     # step 4: per-tensor LSTM
-    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg, grad_scale(glob, cfg)).to(dt)
+    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg).to(dt)
     from_mlp = torch.stack([state.tensors[i].from_mlp.to(dt) for i in active])
     from_lstm = state.glob.from_lstm.to(dt).expand(len(active), -1)
     h = torch.stack([state.tensors[i].lstm_h.to(dt) for i in active])

@@ -19,6 +19,7 @@ import warnings
 from typing import Optional
 
 _lock = threading.Lock()
+_start_lock = threading.Lock()
 _module = None
 _failed: Optional[str] = None
 _thread: Optional[threading.Thread] = None
@@ -106,7 +107,7 @@ def get(wait: bool = True):
     if wait or _strict() or _cached(_name(True)) or _cached(_name(False)):
         _build_now()
         return _module
-    with _lock:
+    with _start_lock:  # not _lock, which the build holds while it runs
         if _thread is None:
             print("learned_opt: compiling the native CPU kernel in the background (once per machine, about a "
                   "minute); steps run in plain PyTorch until it is ready. `python -m learned_opt.build` builds "

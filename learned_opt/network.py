@@ -26,7 +26,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .config import SCALE_FREE_EPS, ArchConfig
+from .config import ArchConfig
 
 
 def parameter_shapes(cfg: ArchConfig) -> Dict[str, tuple]:
@@ -197,20 +197,14 @@ class MetaNetwork(nn.Module):
     def with_options(self, **changes) -> "MetaNetwork":
         """This network's weights under a config with some boolean options changed that keep
         every shape (``freeze_untouched``, ``scale_free``): the same weights, not always the
-        same updates. A starting point for meta-training. Switching ``scale_free`` on also puts
-        ``rms_eps`` and ``norm_eps`` at ``SCALE_FREE_EPS``, which it needs. Returns ``self`` if
-        nothing changes."""
+        same updates. A starting point for meta-training. Returns ``self`` if nothing changes."""
         allowed = {"freeze_untouched", "scale_free"}
         unknown = set(changes) - allowed
         if unknown:
             raise ValueError(f"with_options changes only {sorted(allowed)}, got {sorted(unknown)}")
         if all(getattr(self.config, k) == bool(v) for k, v in changes.items()):
             return self
-        new = {k: bool(v) for k, v in changes.items()}
-        if new.get("scale_free") and not self.config.scale_free:  # its eps must be tiny (ArchConfig)
-            new.update(rms_eps=min(self.config.rms_eps, SCALE_FREE_EPS),
-                       norm_eps=min(self.config.norm_eps, SCALE_FREE_EPS))
-        return self._same_weights_under(dataclasses.replace(self.config, **new))
+        return self._same_weights_under(dataclasses.replace(self.config, **{k: bool(v) for k, v in changes.items()}))
 
     def _same_weights_under(self, cfg: ArchConfig) -> "MetaNetwork":
         """A network of ``cfg`` (same parameter shapes) holding a copy of this one's weights."""

@@ -40,7 +40,7 @@ _GLOBAL_KEYS = {  # state key -> GlobalState field
     "step": "step", "train_loss_mean": "train_mean", "train_loss_var": "train_var",
     "train_loss_count": "train_count", "valid_loss_mean": "valid_mean",
     "valid_loss_var": "valid_var", "valid_loss_count": "valid_count",
-    "clip_t": "clip_t", "clip_value": "clip_value", "from_lstm": "from_lstm",
+    "clip_t": "clip_t", "clip_value": "clip_value", "from_lstm": "from_lstm", "grad_ref": "grad_ref",
 }
 _UNSUPPORTED = ("foreach", "fused", "capturable", "differentiable")
 
@@ -285,6 +285,8 @@ class LearnedOptimizer(Optimizer):
             for key, field in _GLOBAL_KEYS.items():
                 if key in st and field != "from_lstm" and not torch.is_tensor(st[key]):
                     st[key] = torch.tensor(float(st[key]), dtype=torch.float64)
+            if "step" in st and "grad_ref" not in st:  # a state saved before grad_ref existed
+                st["grad_ref"] = torch.zeros((), dtype=torch.float64, device=st["step"].device)
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()

@@ -55,4 +55,4 @@ class OuterOptimizer:
         if self.kind == "adam":
             self.adam.load_state_dict(sd["adam"])
         else:
-            self.state = LOptState(GlobalState(*sd["glob"]), [TensorState(*t) for t in sd["tensors"]])
+            self.state = LOptState(GlobalState.from_saved(sd["glob"]), [TensorState(*t) for t in sd["tensors"]])

@@ -252,7 +252,7 @@ class Group:
         self.params = dict(sd["params"])
         ls = sd["lstate"]
         self.lstate = None if ls is None else LOptState(
-            GlobalState(*ls["glob"]), [TensorState(*t) for t in ls["tensors"]])
+            GlobalState.from_saved(ls["glob"]), [TensorState(*t) for t in ls["tensors"]])
         if self.adam is not None:
             if sd.get("adam") is None:
                 raise RuntimeError("the checkpoint holds no Adam runs, which versus_adam needs")

@@ -167,8 +167,8 @@ def test_unknown_family_and_missing_extra(monkeypatch):
     m.load_mnist1d.cache_clear()
 
 
-def test_readme_private_task_set_runs(tmp_path):
-    text = (ROOT / "README.md").read_text()
+def test_docs_private_task_set_runs(tmp_path):
+    text = (ROOT / "docs" / "meta-training.md").read_text()
     start = text.index("<!-- private-task-example -->")
     block = text[start:].split("```python", 1)[1].split("```", 1)[0]
     assert len(block.strip().splitlines()) <= 30
