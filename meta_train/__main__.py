@@ -57,6 +57,8 @@ def _add_train_args(ap):
     ap.add_argument("--meta-loss", choices=["train", "valid"], default=u.meta_loss)
     ap.add_argument("--loss-transform", choices=["log", "none"], default=u.loss_transform)
     ap.add_argument("--valid-every", type=int, default=u.valid_every)
+    ap.add_argument("--valid-prob", type=float, default=u.valid_prob,
+                    help="chance that a task's run feeds validation losses to the optimizer (every --valid-every steps)")
     ap.add_argument("--loss-prob", type=float, default=u.loss_prob,
                     help="chance that a truncation passes the training loss to the optimizer")
     ap.add_argument("--late-weight", type=float, default=u.late_weight,

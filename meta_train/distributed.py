@@ -34,7 +34,7 @@ def config_from_args(args):
         unroll=UnrollSettings(unroll=args.unroll, min_horizon=args.min_horizon,
                               max_horizon=args.max_horizon, inner_lr=args.inner_lr,
                               meta_loss=args.meta_loss, loss_transform=args.loss_transform,
-                              valid_every=args.valid_every, loss_prob=args.loss_prob,
+                              valid_every=args.valid_every, valid_prob=args.valid_prob, loss_prob=args.loss_prob,
                               late_weight=args.late_weight, versus_adam=args.versus_adam,
                               adam_lr=args.adam_lr, adam_margin=args.adam_margin))
 

@@ -48,6 +48,9 @@ class UnrollSettings:
     meta_loss: str = "train"  # "train" or "valid"
     loss_transform: str = "log"  # "log" or "none": what is averaged over the unroll
     valid_every: int = 10  # feed a validation loss to the optimizer every k inner steps (0: never)
+    # chance that a task's run feeds those validation losses at all (drawn at each task reset):
+    # most users never call report_validation_loss, so the optimizer must also work without it
+    valid_prob: float = 1.0
     loss_prob: float = 0.8  # chance a truncation passes the training loss to the optimizer
     # weight of inner step t's loss in the meta-loss, (P + 1) * ((t + 1) / horizon) ** P: 0 gives
     # every step the same weight (the area under the loss curve); larger P moves the objective
@@ -128,6 +131,8 @@ class Group:
             u = torch.rand((), generator=generator(self.run_seed, 3, self.index), dtype=torch.float64).item()
             self.horizon = max(self.s.unroll, int(self.horizon * u))
         self.step = 0
+        u = torch.rand((), generator=generator(self.run_seed, 6, self.index, self.resets), dtype=torch.float64).item()
+        self.report_valid = u < self.s.valid_prob  # does this run feed validation losses?
         self.data_seeds = [_mix(self.task_seed, 4, j) for j in range(self.pairs)]
         inits = [self.task.init(_mix(self.task_seed, 5, j)) for j in range(self.pairs)]
         self.names = list(inits[0])
@@ -214,10 +219,10 @@ class Group:
             t = self.step + k
             pair_batch = self._pair_batches("train", t)  # made once for the members and Adam
             params, lstate, loss = f[pass_loss](member_weights, params, lstate, self._to_members(pair_batch))
-            need_valid = self.s.meta_loss == "valid" or (self.s.valid_every and (t + 1) % self.s.valid_every == 0)
-            if need_valid:
+            report = self.report_valid and self.s.valid_every and (t + 1) % self.s.valid_every == 0
+            if self.s.meta_loss == "valid" or report:
                 vloss = f["loss"](params, self._batches("valid", t))
-                if self.s.valid_every and (t + 1) % self.s.valid_every == 0:
+                if report:
                     lstate = f["observe"](lstate, vloss)
             meta = vloss if self.s.meta_loss == "valid" else loss
             value = transform(meta.detach().to(torch.float64))

@@ -85,6 +85,9 @@ class MetaTrainConfig:
         return cls(**raw)
 
     def validate(self) -> None:
+        for name in ("loss_prob", "valid_prob"):
+            if not 0.0 <= getattr(self.unroll, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self.unroll, name)}")
         if self.estimator not in ("tes", "pes"):
             raise ValueError(f"estimator must be 'tes' or 'pes', got {self.estimator!r}")
         if self.groups < 1 or self.pairs < self.groups or self.pairs % self.groups:

@@ -335,3 +335,18 @@ def test_command_line_runs_with_loss_scale_augmentation(tmp_path):
     assert MetaTrainConfig.from_json((out / "config.json").read_text()).loss_scale_augment
     rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["meta_loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_valid_prob_decides_per_task_whether_validation_losses_reach_the_optimizer(prob):
+    from learned_opt import ArchConfig, load_weights
+    from meta_train.population import Group, UnrollSettings
+    s = UnrollSettings(unroll=10, min_horizon=20, max_horizon=20, valid_every=5, valid_prob=prob)
+    grp = Group(get_family("teacher_student"), s, ArchConfig(), run_seed=1, index=0, pairs=1, per_member=True)
+    w = {k: v.detach() for k, v in load_weights("adam-like-init-v0")[0].weights().items()}
+    members = {k: v.unsqueeze(0).expand(2, *v.shape).clone() for k, v in w.items()}
+    grp.unroll(members, pass_loss=True)
+    assert grp.report_valid == (prob == 1.0)
+    assert (grp.lstate.glob.valid_count > 0).all().item() == (prob == 1.0)
+    with pytest.raises(ValueError, match="valid_prob"):
+        MetaTrainConfig(unroll=UnrollSettings(valid_prob=1.5)).validate()
