@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 from compare import TASKS  # noqa: E402
 from learned_opt import ArchConfig, LearnedOptimizer  # noqa: E402
 from learned_opt.config import N_LSTM_STATS  # noqa: E402
-from learned_opt.functional import lstm_statistics  # noqa: E402
+from learned_opt.features import lstm_statistics  # noqa: E402
 from learned_opt.reference import raw_statistics  # noqa: E402
 
 # the columns of lstm_statistics that are clip_log_abs values (the rest are signs, shapes, losses)

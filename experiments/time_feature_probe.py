@@ -28,12 +28,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 from common import wrapped, write_result  # noqa: E402
 from compare import run_one  # noqa: E402
 
-from learned_opt import functional  # noqa: E402
+from learned_opt import features  # noqa: E402
 
 
 def step_features_held_at(cap: float):
     """Within the block the step sinusoids see min(step, cap); everything else sees the step."""
-    return wrapped(functional, "step_sinusoids",
+    return wrapped(features, "step_sinusoids",
                    lambda original: lambda step, dtype: original(step.clamp(max=cap), dtype))
 
 

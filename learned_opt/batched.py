@@ -35,9 +35,10 @@ from torch import Tensor
 from . import native
 from .config import ArchConfig
 from .fast import _column_square_sums, combine_rows
-from .functional import (LOptState, TensorState, check_architecture, clip_amount, column_scale, compute_dtype,
-                         element_columns, fold_first_layer, frozen_to_zero, gradient_factor, lstm_cell, lstm_statistics, tensor_constants,
-                         train_loss_statistics, update_clipper, validation_feature)
+from .features import (clip_amount, column_scale, element_columns, fold_first_layer, frozen_to_zero, gradient_factor,
+                       lstm_cell, lstm_statistics, tensor_constants, train_loss_statistics, update_clipper,
+                       validation_feature)
+from .state import LOptState, TensorState, check_architecture, compute_dtype
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows (members x elements) per chunk of the MLP pass
 

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import native
 from .config import ArchConfig
-from .functional import column_scale, element_columns, fold_first_layer, frozen_to_zero
+from .features import column_scale, element_columns, fold_first_layer, frozen_to_zero
 
 DEFAULT_CHUNK = 1 << 14
 # On a GPU the step is bound by kernel launches, not by memory traffic, so it takes fewer,

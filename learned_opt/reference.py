@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .config import ArchConfig
-from .functional import column_scale, element_columns
+from .features import column_scale, element_columns
 
 
 class _Work(NamedTuple):

@@ -3,7 +3,6 @@
 and ``ArchConfig.scale_free`` (the step does not depend on the loss's scale). Every
 implementation of the step computes both, and equals the reference."""
 
-import math
 
 import pytest
 import torch
@@ -125,7 +124,7 @@ def test_scale_free_steps_do_not_depend_on_the_loss_scale(scale, monkeypatch):
 
 
 def test_scale_free_gradients_are_in_units_of_the_first_non_zero_one():
-    from learned_opt.functional import gradient_factor
+    from learned_opt.features import gradient_factor
     net = _net()
     p = [torch.zeros(100), torch.zeros(10)]
     st = init_state(net, p, BOTH)

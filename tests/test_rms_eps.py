@@ -11,7 +11,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from helpers import random_weights
 from learned_opt import ArchConfig, load_weights, native, save_weights
 from learned_opt.batched import population_step
-from learned_opt.functional import element_columns, init_state, lopt_step
+from learned_opt.features import element_columns
+from learned_opt.functional import init_state, lopt_step
 
 V2 = "rnn-mlp-pes-abs-v2"
 SMALL = 1e-10

@@ -14,7 +14,8 @@ import torch
 from learned_opt import ArchConfig, LearnedOptimizer, MetaNetwork, load_weights, save_weights
 from learned_opt.batched import population_step
 from learned_opt.config import N_LSTM_STATS, N_SNR_STATS
-from learned_opt.functional import init_state, lopt_step, lstm_statistics
+from learned_opt.features import lstm_statistics
+from learned_opt.functional import init_state, lopt_step
 from learned_opt.reference import raw_statistics
 
 SNR = ArchConfig(snr_stats=True)
@@ -158,7 +159,7 @@ ABS = ArchConfig(absolute_snr=True)
 
 
 def test_column_scale_leaves_only_the_snr_columns_unscaled():
-    from learned_opt.functional import column_scale
+    from learned_opt.features import column_scale
     mean_sq = torch.rand(3, ABS.n_element_cols, dtype=torch.float64) * 4 + 0.01
     a, b = ABS.snr_column_range
     assert (a, b) == (3 + 2 * ABS.n_decays, 3 + 3 * ABS.n_decays)
