@@ -68,6 +68,16 @@ def _scalar(value: Union[float, Tensor]) -> float:
     return float(value.detach().reshape(())) if isinstance(value, Tensor) else float(value)
 
 
+def _not_compiled(fn):
+    """``torch.compiler.disable`` with its reason where this torch takes one."""
+    reason = ("LearnedOptimizer.step runs eagerly: its compiled CPU kernel and data-dependent "
+              "chunking do not trace")
+    try:
+        return torch.compiler.disable(fn, reason=reason)
+    except TypeError:  # torch before the reason argument
+        return torch.compiler.disable(fn)
+
+
 def _is_process_group(x) -> bool:
     return torch.distributed.is_available() and isinstance(x, torch.distributed.ProcessGroup)
 
@@ -320,9 +330,15 @@ class LearnedOptimizer(Optimizer):
         total, count = self._observed if self._observed is not None else (0.0, 0)
         self._observed = (total + loss, count + 1)
 
+    @_not_compiled
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *, loss=None):
-        """One optimisation step. Returns the loss (the closure's, or the one passed)."""
+        """One optimisation step. Returns the loss (the closure's, or the one passed).
+
+        ``torch.compile`` leaves it out of the graph and runs it eagerly (its compiled CPU
+        kernel and data-dependent chunking do not trace): compiling a training step that calls
+        it, or ``opt.step`` itself, with or without ``fullgraph=True``, costs no compile time
+        for the step and runs it at eager speed."""
         if closure is not None:
             if loss is not None:
                 raise ValueError("pass the loss either through the closure or as loss=, not both")
