@@ -35,7 +35,7 @@ from torch import Tensor
 from . import native
 from .config import ArchConfig
 from .fast import _column_square_sums, combine_rows
-from .features import (clip_amount, column_scale, element_columns, fold_first_layer, frozen_to_zero, gradient_factor,
+from .features import (clip_amount, column_scale, element_columns, fold_first_layer, frozen_to_zero, gradient_factor, unit_rms_factor,
                        lstm_cell, lstm_statistics, tensor_constants, train_loss_statistics, update_clipper,
                        validation_feature)
 from .state import LOptState, TensorState, check_architecture, compute_dtype
@@ -87,7 +87,7 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
     amt = amount.unsqueeze(-1)
 
     # pass 1: clip, accumulators, per-tensor statistics and column mean squares
-    kernel = _kernel(dt, dev, w) if use_native else None
+    kernel = _kernel(dt, dev, w) if use_native and not cfg.unit_rms_update else None
     b = torch.tensor(cfg.decays, dtype=dt, device=dev)
     one_b = 1 - b
     shapes = [x.shape[1:] for x in params]
@@ -198,18 +198,26 @@ def _mlp_torch(t, g, p, m, v, w, w0s, bias0, lr, cfg: ArchConfig, chunk_rows: in
     wl, bl = w[f"mlp_w{L}"], w[f"mlp_b{L}"]
     rows = max(1, chunk_rows // Mb)
     outs, hsum = [], 0
+    d_sq = d_n = torch.zeros(Mb, dtype=torch.float64, device=p.device)
     for a in range(0, n, rows):
         cols = element_columns(g[:, a:a + rows], p[:, a:a + rows], m[:, a:a + rows], v[:, a:a + rows], cfg)
         h = torch.baddbmm(bias0[:, t:t + 1], cols, w0s[:, t]).relu_()
         for i in range(1, L):
             h = torch.baddbmm(w[f"mlp_b{i}"].unsqueeze(1), h, w[f"mlp_w{i}"]).relu_()
         out = torch.bmm(h, wl[..., :2]) + bl[:, None, :2]
-        step = out[..., 0] * torch.exp(cfg.magnitude_rate * out[..., 1])
+        d = out[..., 0]
         if cfg.freeze_untouched:
-            step = frozen_to_zero(step, v[:, a:a + rows])
-        outs.append(p[:, a:a + rows] - lr * step)
+            d = frozen_to_zero(d, v[:, a:a + rows])
+        outs.append(d * torch.exp(cfg.magnitude_rate * out[..., 1]))
+        if cfg.unit_rms_update:
+            live = (v[:, a:a + rows] != 0).any(-1) if cfg.freeze_untouched else torch.ones_like(d, dtype=torch.bool)
+            d_sq = d_sq + (d * d).sum(1).double()
+            d_n = d_n + live.sum(1).double()
         hsum = hsum + h.sum(1)
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), hsum
+    step = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if cfg.unit_rms_update:  # each member's d / RMS(d) over this tensor
+        step = step * unit_rms_factor(d_sq, d_n).to(step.dtype).unsqueeze(1)
+    return p - lr * step, hsum
 
 
 def _kernel(dt, dev, w):

@@ -79,6 +79,13 @@ class ArchConfig:
     # meta-training tasks start with (0.005 to 0.5, most near 0.02).
     scale_free: bool = False
     grad_reference: float = 0.02
+    # Divide each tensor's direction output d by its RMS over the tensor's elements (those that
+    # ever had a gradient) before the update, so that a step's size is set by lr and the
+    # magnitude path, not by how large d came out: p <- p - lr * (d / rms(d)) * exp(rate * mag).
+    # Celo2 (Moudgil et al., 2026) found this normalisation its most important stabiliser; it
+    # bounds how fast weights can grow. The compiled CPU kernel does not implement it (the
+    # step runs in plain PyTorch).
+    unit_rms_update: bool = False
 
     def __post_init__(self):
         for name in ("magnitude_rate", "rms_eps", "norm_eps", "grad_reference"):

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import native
 from .config import ArchConfig
-from .features import column_scale, element_columns, fold_first_layer, frozen_to_zero
+from .features import column_scale, element_columns, fold_first_layer, frozen_to_zero, unit_rms_factor
 
 DEFAULT_CHUNK = 1 << 14
 # On a GPU the step is bound by kernel launches, not by memory traffic, so it takes fewer,
@@ -177,7 +177,7 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     rows, sqs, ids = [], [], []
     # the compiled kernel takes whole large tensors where it can; its rows are per block of
     # elements, combined below exactly like the chunks' rows
-    native_t = _native_ok(P, G, M, V, large, in_place)
+    native_t = set() if cfg.unit_rms_update else _native_ok(P, G, M, V, large, in_place)
     if native_t:
         kernel, amt = native.get(wait=False), float(amount)
         for t in sorted(native_t):
@@ -320,6 +320,19 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
                                  float(b_mag), rate, float(lr[t]), float(decay[t]), cfg.freeze_untouched)
             hsums.append(hs.to(dt))
             ids.append(t)
+    def apply(t, seg, p, step):
+        if seg is None:
+            if write_p:
+                p.mul_(decay[t]).sub_(lr[t] * step)
+            else:
+                new_large[t].append(p * decay[t] - lr[t] * step)
+        else:
+            pack_parts.append(p * decay.index_select(0, seg) - lr.index_select(0, seg) * step)
+
+    # ArchConfig.unit_rms_update: per-tensor sums of d^2 and counts of elements that may move
+    d_sq = torch.zeros(T, dtype=torch.float64, device=dev)
+    d_n = torch.zeros(T, dtype=torch.float64, device=dev)
+    deferred = []
     for t, seg, p, g, m, v in _chunks((P, G, M, V, work.pack), plan):
         if t in native_t:
             continue
@@ -335,20 +348,28 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
             h = h.add_(bias0.index_select(0, seg)).relu_()
         for i in range(1, L):
             h = torch.addmm(w[f"mlp_b{i}"], h, w[f"mlp_w{i}"]).relu_()
-        step = (torch.mv(h, w_dir) + b_dir) * torch.exp(rate * (torch.mv(h, w_mag) + b_mag))
+        d = torch.mv(h, w_dir) + b_dir
         if cfg.freeze_untouched:
-            step = frozen_to_zero(step, v)
+            d = frozen_to_zero(d, v)
+        step = d * torch.exp(rate * (torch.mv(h, w_mag) + b_mag))
         if seg is None:
             hsums.append(h.sum(0))
             ids.append(t)
-            if write_p:
-                p.mul_(decay[t]).sub_(lr[t] * step)
-            else:
-                new_large[t].append(p * decay[t] - lr[t] * step)
         else:
             hsums.append(torch.zeros(T, h.shape[-1], dtype=dt, device=dev).index_add(0, seg, h))
             ids.append(None)
-            pack_parts.append(p * decay.index_select(0, seg) - lr.index_select(0, seg) * step)
+        if cfg.unit_rms_update:  # the update waits for the RMS of d over the whole tensor
+            live = (v != 0).any(-1) if cfg.freeze_untouched else torch.ones_like(d, dtype=torch.bool)
+            where = torch.full_like(d, t, dtype=torch.long) if seg is None else seg
+            d_sq = d_sq.index_add(0, where, (d * d).to(d_sq.dtype))
+            d_n = d_n.index_add(0, where, live.to(d_n.dtype))
+            deferred.append((t, seg, p, step))
+        else:
+            apply(t, seg, p, step)
+    if cfg.unit_rms_update:
+        factor = unit_rms_factor(d_sq, d_n).to(dt)
+        for t, seg, p, step in deferred:
+            apply(t, seg, p, step * (factor[t] if seg is None else factor.index_select(0, seg)))
     hsum = _reduce(hsums, ids, T, consts)
     messages = (hsum / work.numels.unsqueeze(-1)) @ wl[:, 2:] + bl[2:]
 

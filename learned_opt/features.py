@@ -222,6 +222,14 @@ def element_columns(g: Tensor, p: Tensor, m: Tensor, v: Tensor, cfg: ArchConfig)
                       m, v, m * rs, rs], dim=-1)
 
 
+def unit_rms_factor(sum_sq: Tensor, count: Tensor) -> Tensor:
+    """``ArchConfig.unit_rms_update``: 1 / RMS of a tensor's direction outputs from their sum of
+    squares and count (elementwise over tensors or members); 0 where nothing moves."""
+    count = count.to(sum_sq.dtype)
+    mean_sq = sum_sq / count.clamp_min(1)
+    return torch.where(mean_sq > 0, torch.rsqrt(mean_sq.clamp_min(1e-30)), torch.zeros_like(mean_sq))
+
+
 def frozen_to_zero(step: Tensor, v: Tensor) -> Tensor:
     """``step`` (...,) set to 0 where every accumulator in ``v`` (..., D) is exactly zero: an
     element that has never had a non-zero gradient (``ArchConfig.freeze_untouched``)."""

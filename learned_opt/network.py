@@ -196,9 +196,9 @@ class MetaNetwork(nn.Module):
 
     def with_options(self, **changes) -> "MetaNetwork":
         """This network's weights under a config with some boolean options changed that keep
-        every shape (``freeze_untouched``, ``scale_free``): the same weights, not always the
+        every shape (``freeze_untouched``, ``scale_free``, ``unit_rms_update``): the same weights, not always the
         same updates. A starting point for meta-training. Returns ``self`` if nothing changes."""
-        allowed = {"freeze_untouched", "scale_free"}
+        allowed = {"freeze_untouched", "scale_free", "unit_rms_update"}
         unknown = set(changes) - allowed
         if unknown:
             raise ValueError(f"with_options changes only {sorted(allowed)}, got {sorted(unknown)}")

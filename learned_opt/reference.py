@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .config import ArchConfig
-from .features import column_scale, element_columns
+from .features import column_scale, element_columns, unit_rms_factor
 
 
 class _Work(NamedTuple):
@@ -83,9 +83,11 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
         feats = torch.cat(feats, dim=-1)
         out = mlp(w, feats, cfg)
         d, mag = out[:, 0], out[:, 1]
+        live = (v.reshape(-1, D) != 0).any(-1) if cfg.freeze_untouched else torch.ones_like(d, dtype=torch.bool)
+        d = torch.where(live, d, torch.zeros_like(d))  # never a non-zero gradient: no step
+        if cfg.unit_rms_update:  # d / RMS(d) over the elements that may move
+            d = d * unit_rms_factor((d * d).sum(), live.sum())
         step = lrs[j] * d * torch.exp(cfg.magnitude_rate * mag)
-        if cfg.freeze_untouched:  # never a non-zero gradient: no step
-            step = torch.where((v.reshape(-1, D) != 0).any(-1), step, torch.zeros_like(step))
         new_params.append(p * (1 - lrs[j] * wds[j]) - step.reshape(p.shape))
         messages.append(out[:, 2:].mean(dim=0))
     return new_params, torch.stack(messages), work.mom, work.rms

@@ -45,6 +45,8 @@ def _add_train_args(ap):
     ap.add_argument("--scale-free", action="store_true",
                     help="the step does not depend on the loss's scale (ArchConfig.scale_free); "
                          "starting weights keep their values")
+    ap.add_argument("--unit-rms-update", action="store_true",
+                    help="each tensor's direction output divided by its RMS (ArchConfig.unit_rms_update)")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--ema", type=float, default=d.ema,

@@ -30,7 +30,7 @@ def config_from_args(args):
         checkpoint_every=args.checkpoint_every, ema=args.ema, snr_stats=args.snr_stats,
         absolute_snr=args.absolute_snr, dual_snr=args.dual_snr,
         magnitude_rate=args.magnitude_rate, rms_eps=args.rms_eps,
-        freeze_untouched=args.freeze_untouched, scale_free=args.scale_free,
+        freeze_untouched=args.freeze_untouched, scale_free=args.scale_free, unit_rms_update=args.unit_rms_update,
         unroll=UnrollSettings(unroll=args.unroll, min_horizon=args.min_horizon,
                               max_horizon=args.max_horizon, inner_lr=args.inner_lr,
                               meta_loss=args.meta_loss, loss_transform=args.loss_transform,

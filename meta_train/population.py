@@ -26,7 +26,8 @@ from torch.utils._pytree import tree_map
 
 from learned_opt import ArchConfig
 from learned_opt.batched import population_step
-from learned_opt.functional import GlobalState, LOptState, TensorState, init_state, observe_validation_loss
+from learned_opt.features import observe_validation_loss
+from learned_opt.state import GlobalState, LOptState, TensorState, init_state
 
 from .tasks.base import Task, TaskFamily, _mix, generator
 

@@ -67,6 +67,7 @@ class MetaTrainConfig:
     # ArchConfig.freeze_untouched and ArchConfig.scale_free (starting weights keep their values)
     freeze_untouched: bool = False
     scale_free: bool = False
+    unit_rms_update: bool = False  # ArchConfig.unit_rms_update
     seed: int = 0
     checkpoint_every: int = 10
     # decay of an exponential moving average of theta, written beside the weights as
@@ -128,7 +129,7 @@ class MetaTrainConfig:
 def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False,
                   dual_snr: bool = False, magnitude_rate: float = 0.0,
                   rms_eps: float = 0.0, freeze_untouched: bool = False,
-                  scale_free: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
+                  scale_free: bool = False, unit_rms_update: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
     """The starting weights and their architecture. With ``snr_stats`` or ``dual_snr``, weights
     without those inputs get them at zero weight (the same updates as the weights given); with
     ``absolute_snr``, the weights move to the architecture with unscaled m/sqrt(v) columns.
@@ -155,10 +156,11 @@ def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False
             net = net.with_magnitude_rate(magnitude_rate)
         if rms_eps:
             net = net.with_rms_eps(rms_eps)
-        for flag, wanted in (("freeze_untouched", freeze_untouched), ("scale_free", scale_free)):
+        for flag, wanted in (("freeze_untouched", freeze_untouched), ("scale_free", scale_free),
+                             ("unit_rms_update", unit_rms_update)):
             if getattr(net.config, flag) and not wanted:
                 raise ValueError(f"the starting weights {init!r} have {flag}: pass --{flag.replace('_', '-')}")
-    net = net.with_options(freeze_untouched=freeze_untouched, scale_free=scale_free)
+    net = net.with_options(freeze_untouched=freeze_untouched, scale_free=scale_free, unit_rms_update=unit_rms_update)
     return {k: v.detach().clone() for k, v in net.weights().items()}, net.config
 
 
@@ -184,7 +186,8 @@ class MetaTrainer:
         self.family = get_family(config.family, config.scale_augment, config.loss_scale_augment)
         self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats, config.absolute_snr,
                                                     config.dual_snr, config.magnitude_rate, config.rms_eps,
-                                                    config.freeze_untouched, config.scale_free)
+                                                    config.freeze_untouched, config.scale_free,
+                                                    config.unit_rms_update)
         self.names = list(self.theta)
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]

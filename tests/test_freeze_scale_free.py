@@ -57,14 +57,29 @@ def _run(w, cfg, impl, native_on, monkeypatch, steps=6, scale=1.0, loss=True):
     return ps, st
 
 
+UNIT = ArchConfig(snr_stats=True, absolute_snr=True, freeze_untouched=True, scale_free=True, unit_rms_update=True,
+                  **EPS)
+
+
+@pytest.mark.parametrize("cfg", [BOTH, UNIT], ids=["freeze+scale_free", "with unit_rms_update"])
 @pytest.mark.parametrize("native_on", [False, True])
-def test_fast_paths_equal_the_reference(native_on, monkeypatch):
+def test_fast_paths_equal_the_reference(native_on, cfg, monkeypatch):
     if native_on and (not native.enabled() or native.get() is None):
         pytest.skip("the native kernel is off or did not build here")
-    w = {k: v.detach() for k, v in _net().weights().items()}
-    pf, sf = _run(w, BOTH, "fast", native_on, monkeypatch)
-    pr, sr = _run(w, BOTH, "reference", False, monkeypatch)
+    w = {k: v.detach() for k, v in _net(cfg).weights().items()}
+    pf, sf = _run(w, cfg, "fast", native_on, monkeypatch)
+    pr, sr = _run(w, cfg, "reference", False, monkeypatch)
     assert _worst((pf, sf), (pr, sr)) < 1e-5
+
+
+def test_unit_rms_steps_have_rms_lr_per_tensor(monkeypatch):
+    w = {k: v.detach() for k, v in _net(UNIT).weights().items()}
+    start = _params()
+    ps, _ = _run(w, UNIT, "fast", True, monkeypatch, steps=1)
+    for a, b, dead in zip(ps, start, (100, 10, 0, 0)):
+        moved = (a - b).flatten()[dead:] if a.dim() < 2 else (a - b)[dead:].flatten()
+        if moved.numel() > 1:  # magnitude path at rate 1e-3: within a few percent of lr
+            assert moved.pow(2).mean().sqrt().item() == pytest.approx(1e-3, rel=0.05)
 
 
 def test_untouched_elements_do_not_move_and_the_others_do(monkeypatch):
@@ -81,11 +96,13 @@ def test_untouched_elements_do_not_move_and_the_others_do(monkeypatch):
     assert (ps[0][:100] != start[0][:100]).all()
 
 
+@pytest.mark.parametrize("cfg", [BOTH, UNIT], ids=["freeze+scale_free", "with unit_rms_update"])
 @pytest.mark.parametrize("use_native", [False, True])
-def test_the_population_step_equals_the_reference(use_native):
+def test_the_population_step_equals_the_reference(use_native, cfg):
     if use_native and (not native.enabled() or native.get() is None):
         pytest.skip("the native kernel is off or did not build here")
-    net = _net()
+    BOTH = cfg  # noqa: N806 - the configuration under test
+    net = _net(cfg)
     gen = torch.Generator().manual_seed(3)
     M = 3
     ws = [{k: v.detach() + 0.02 * torch.randn(v.shape, generator=gen) for k, v in net.weights().items()}
