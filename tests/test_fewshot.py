@@ -543,3 +543,14 @@ def test_fewshot_progress_shows_the_cpu_budget(tmp_path, capsys):
         return
     FewShotTrainer(cfg, str(tmp_path / "bar")).run(progress=True)
     assert "cpu_h=0.00/0.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, at_start, at_epoch_2", [(None, False, True), (-1, True, True), (3, False, False)])
+def test_derivative_annealing_follows_the_mamlpp_authors_meaning(tmp_path, setting, at_start, at_epoch_2):
+    from meta_train.fewshot.train import FewShotConfig, FewShotTrainer
+    cfg = FewShotConfig(algorithm="mamlpp", dataset="sinusoid", steps=60, epoch_len=10,
+                        derivative_annealing_epochs=setting)
+    tr = FewShotTrainer(cfg, str(tmp_path))
+    assert tr.second_order() is at_start  # None: a third of 6 epochs; -1: second order at once
+    tr.step = 20  # epoch 2
+    assert tr.second_order() is at_epoch_2

@@ -27,7 +27,7 @@ def _add_config(p: argparse.ArgumentParser):
     p.add_argument("--data-root", default=None, help="folder holding the Omniglot archives or their unpacked folders")
     for name in ("ways", "shots", "queries", "eval_queries", "inner_steps", "eval_inner_steps", "meta_batch", "steps",
                  "epoch_len", "seed", "checkpoint_every", "channels", "msl_epochs",
-                 "derivative_annealing_epochs", "cg_steps", "inner_cg_steps"):
+                 "derivative_annealing_epochs", "cg_steps", "inner_cg_steps"):  # derivative annealing: None = a third
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("inner_lr", "outer_lr", "min_outer_lr", "lam", "inner_clip", "hours"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))

@@ -32,12 +32,11 @@ Meta = Dict[str, Dict[str, Tensor]]
 class MAMLConfig:
     inner_steps: int = 5
     inner_lr: float = 0.4
-    first_order: bool = False
     # MAML++ components (all off: plain MAML)
     multi_step_loss: bool = False  # MSL: weighted query loss after every inner step
     msl_epochs: int = 10  # epochs over which the MSL weights anneal to the last step
     learn_inner_lr: bool = False  # LSLR: per-layer per-step learnable inner lrs
-    first_order_epochs: int = 0  # derivative-order annealing: first-order for these epochs
+    # (first or second order is chosen per step by the caller: FewShotTrainer.second_order)
     # iMAML
     lam: float = 2.0
     cg_steps: int = 5

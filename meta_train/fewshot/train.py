@@ -58,7 +58,10 @@ class FewShotConfig:
     msl_final_only: bool = False
     lslr: bool = True
     bn_per_step: bool = True  # per-step batch-norm weights and running statistics
-    derivative_annealing_epochs: int = -1  # first-order epochs; -1: a third of the budget
+    # MAML++ derivative-order annealing: first order for this many epochs, then second order.
+    # None: a third of the budget; a negative value: second order from the start, as the MAML++
+    # authors' configs mean by first_order_to_second_order_epoch = -1
+    derivative_annealing_epochs: Optional[int] = None
     cosine_lr: bool = True
     # any algorithm: anneal the outer learning rate from outer_lr to min_outer_lr on a cosine
     # over `steps` (MAML++ does so already through cosine_lr)
@@ -110,7 +113,7 @@ class FewShotTrainer:
         self.cfg, self.out = cfg, out
         pp = cfg.algorithm == "mamlpp"
         self.mcfg = MAMLConfig(inner_steps=cfg.inner_steps, inner_lr=cfg.inner_lr,
-                               first_order=cfg.algorithm == "fomaml", multi_step_loss=pp and cfg.msl,
+                               multi_step_loss=pp and cfg.msl,
                                msl_epochs=cfg.msl_epochs, learn_inner_lr=pp and cfg.lslr,
                                lam=cfg.lam, cg_steps=cfg.cg_steps, inner_clip=cfg.inner_clip,
                                curvature=cfg.curvature, inner_solver=cfg.inner_solver,
@@ -153,7 +156,7 @@ class FewShotTrainer:
             return False
         if a == "mamlpp":
             da = self.cfg.derivative_annealing_epochs
-            da = self.cfg.steps / self.cfg.epoch_len / 3 if da < 0 else da
+            da = self.cfg.steps / self.cfg.epoch_len / 3 if da is None else da
             return self.epoch >= da
         return True
 
