@@ -330,8 +330,9 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
             pack_parts.append(p * decay.index_select(0, seg) - lr.index_select(0, seg) * step)
 
     # ArchConfig.unit_rms_update: per-tensor sums of d^2 and counts of elements that may move
-    d_sq = torch.zeros(T, dtype=torch.float64, device=dev)
-    d_n = torch.zeros(T, dtype=torch.float64, device=dev)
+    if cfg.unit_rms_update:
+        d_sq = torch.zeros(T, dtype=torch.float64, device=dev)
+        d_n = torch.zeros(T, dtype=torch.float64, device=dev)
     deferred = []
     for t, seg, p, g, m, v in _chunks((P, G, M, V, work.pack), plan):
         if t in native_t:
@@ -359,10 +360,14 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
             hsums.append(torch.zeros(T, h.shape[-1], dtype=dt, device=dev).index_add(0, seg, h))
             ids.append(None)
         if cfg.unit_rms_update:  # the update waits for the RMS of d over the whole tensor
-            live = (v != 0).any(-1) if cfg.freeze_untouched else torch.ones_like(d, dtype=torch.bool)
-            where = torch.full_like(d, t, dtype=torch.long) if seg is None else seg
-            d_sq = d_sq.index_add(0, where, (d * d).to(d_sq.dtype))
-            d_n = d_n.index_add(0, where, live.to(d_n.dtype))
+            live = ((v != 0).any(-1) if cfg.freeze_untouched else torch.ones_like(d, dtype=torch.bool)).to(d_n.dtype)
+            sq = (d * d).to(d_sq.dtype)
+            if seg is None:  # one tensor: add its chunk's sums at index t
+                where, sq, live = torch.tensor([t], device=dev), sq.sum().reshape(1), live.sum().reshape(1)
+            else:
+                where = seg
+            d_sq = d_sq.index_add(0, where, sq)
+            d_n = d_n.index_add(0, where, live)
             deferred.append((t, seg, p, step))
         else:
             apply(t, seg, p, step)
