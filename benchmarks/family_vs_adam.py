@@ -9,7 +9,7 @@ where snapshots and recipes are chosen (on families' held-out seeds, never on co
 suite); the held-out comparison is ``compare.py``.
 
     python benchmarks/family_vs_adam.py --family overfit_mlp [--tasks 8] [--steps 500] [--no-loss]
-        [--weights W1,W2] [--out benchmarks/results/family_vs_adam-overfit_mlp.json]
+        [--weights W1,W2@3e-4] [--out benchmarks/results/family_vs_adam-overfit_mlp.json]
 """
 
 from __future__ import annotations
@@ -31,11 +31,15 @@ from meta_train.tasks import get_family  # noqa: E402
 
 def train(task, weights, steps: int, pass_loss: bool = True):
     """(mean batch loss over the last tenth of the run, mean validation loss); ``weights`` None
-    means Adam at lr 1e-3, "" the shipped default."""
+    means Adam at lr 1e-3, "" the shipped default; "NAME@LR" sets the learned optimizer's lr."""
     params = {k: v.clone().requires_grad_() for k, v in task.init(0).items()}
     ps = list(params.values())
     adam = weights is None
-    opt = torch.optim.Adam(ps, lr=1e-3) if adam else LearnedOptimizer(ps, **({"weights": weights} if weights else {}))
+    if adam:
+        opt = torch.optim.Adam(ps, lr=1e-3)
+    else:
+        name, _, lr = weights.partition("@")
+        opt = LearnedOptimizer(ps, lr=float(lr) if lr else 1e-3, **({"weights": name} if name else {}))
     tail = []
     for t in range(steps):
         loss = task.loss(params, task.batch("train", 0, t))
@@ -54,7 +58,8 @@ def main(argv=None):
     ap.add_argument("--family", required=True)
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--weights", default="", help="comma-separated weights files; empty: the shipped default")
+    ap.add_argument("--weights", default="", help="comma-separated weights files, each NAME or NAME@LR (the learned "
+                    "optimizer's lr multiplier, default 1e-3); empty NAME: the shipped default")
     ap.add_argument("--no-loss", action="store_true", help="do not pass the loss to the learned optimizer")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="default: benchmarks/results/family_vs_adam-FAMILY.json")

@@ -181,6 +181,27 @@ class MetaNetwork(nn.Module):
             getattr(net, f"mlp_b{last}")[1] *= ratio
         return net
 
+    def with_step_scale(self, scale: float) -> "MetaNetwork":
+        """This network with every update multiplied by ``scale``: the direction output ``d``
+        (column 0 of the last layer) scaled, the rest unchanged. Under ``unit_rms_update`` the
+        direction is normalised, so there the scale goes into the magnitude output's bias
+        instead. Used to move a meta-training run's starting point to a different step size
+        while the optimizer's ``lr`` keeps its default. Returns ``self`` for a scale of 1."""
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be positive and finite, got {scale}")
+        if scale == 1.0:
+            return self
+        net = self._same_weights_under(self.config)
+        last = self.config.mlp_layers
+        with torch.no_grad():
+            if self.config.unit_rms_update:
+                getattr(net, f"mlp_b{last}")[1] += math.log(scale) / self.config.magnitude_rate
+            else:
+                getattr(net, f"mlp_w{last}")[:, 0] *= scale
+                getattr(net, f"mlp_b{last}")[0] *= scale
+        return net
+
     def with_rms_eps(self, eps: float) -> "MetaNetwork":
         """This network's weights with ``1/sqrt(v + eps)`` in its features
         (``ArchConfig.rms_eps``): the same weights, not the same updates. With the reference's

@@ -108,3 +108,23 @@ def test_meta_training_starts_at_a_new_rate_and_resumes_there(tmp_path):
     start = expected["mlp_w2"][:, 1]
     assert not torch.equal(net.mlp_w2[:, 1].detach(), start)
     assert (net.mlp_w2[:, 1].detach() - start).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("unit_rms", [False, True])
+def test_a_step_scale_multiplies_every_update(unit_rms):
+    net = load_weights(V2)[0].with_options(unit_rms_update=unit_rms)
+    assert net.with_step_scale(1.0) is net
+    scaled = net.with_step_scale(0.25)
+    gen = torch.Generator().manual_seed(3)
+    w = {k: v.detach().double() for k, v in net.weights().items()}
+    ws = {k: v.detach().double() for k, v in scaled.weights().items()}
+    params = [torch.randn(8, 5, generator=gen, dtype=torch.float64), torch.randn(5, generator=gen, dtype=torch.float64)]
+    grads = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in params]
+    one, _ = lopt_step(w, params, grads, init_state(w, params, net.config), loss=1.0, lr=1e-2, cfg=net.config)
+    quarter, _ = lopt_step(ws, params, grads, init_state(ws, params, net.config), loss=1.0, lr=1e-2, cfg=net.config)
+    for p, a, b in zip(params, one, quarter):
+        torch.testing.assert_close(b - p, 0.25 * (a - p), rtol=1e-6, atol=1e-12)
+        assert (a - p).abs().max() > 0
+    for bad in (0.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            net.with_step_scale(bad)
