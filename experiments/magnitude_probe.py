@@ -36,7 +36,7 @@ def recording_outputs(into: list):
             into.append(out[:, :2].detach())
             return out
         return mlp
-    return wrapped(reference, "mlp", wrap)
+    return wrapped(reference, "_mlp", wrap)
 
 
 def run(task: str, weights, probe_at):

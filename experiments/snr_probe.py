@@ -31,12 +31,19 @@ from compare import TASKS  # noqa: E402
 from learned_opt import ArchConfig, LearnedOptimizer  # noqa: E402
 from learned_opt.config import N_LSTM_STATS  # noqa: E402
 from learned_opt.features import lstm_statistics  # noqa: E402
-from learned_opt.reference import raw_statistics  # noqa: E402
 
 # the columns of lstm_statistics that are clip_log_abs values (the rest are signs, shapes, losses)
 LOG_COLUMNS = [0, 2, 3, 5, 6, 8, 9, 10]
 SNR = ArchConfig(snr_stats=True)
 
+
+
+def raw_statistics(p, g, m, v):
+    """(8,) float64 statistics of one tensor: mean/var of m, of v (over elements and decays),
+    of p, then the sums of squares of p and of g (the layout ``lstm_statistics`` reads)."""
+    m, v, p, g = m.double(), v.double(), p.double(), g.double()
+    return torch.stack([m.mean(), m.var(unbiased=False), v.mean(), v.var(unbiased=False),
+                        p.mean(), p.var(unbiased=False), (p * p).sum(), (g * g).sum()])
 
 def probe(opt, params):
     zero = torch.zeros((), dtype=torch.float64)

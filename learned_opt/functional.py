@@ -14,10 +14,12 @@ One step, for the tensors given (callers pass only the tensors that have a gradi
    31 per-tensor constants, and returns a direction ``d`` and a magnitude ``mag``;
 6. ``p <- p * (1 - lr * weight_decay) - lr * d * exp(magnitude_rate * mag)``.
 
-Steps 2, 3 and 5 have two implementations that must agree: :mod:`learned_opt.reference` (a
-per-tensor loop written straight from the formulas) and :mod:`learned_opt.fast` (all tensors
-together, in bounded chunks); this module only chooses between them. The pieces shared by all
-implementations are in :mod:`learned_opt.features`, the state in :mod:`learned_opt.state`.
+Two implementations must agree: :mod:`learned_opt.reference`, the whole step written straight
+from the formulas one tensor at a time and sharing nothing with the others (the
+specification), and the fast path below, which runs the orchestration here with the two
+per-element passes of :mod:`learned_opt.fast` (all tensors together, in bounded chunks, or the
+compiled kernel). This module checks the arguments and chooses between them; the pieces the
+fast paths share are in :mod:`learned_opt.features`, the state in :mod:`learned_opt.state`.
 
 Loss features when losses are missing (our definition; the reference requires a loss):
   * training-loss feature: 0 on any step called without a (finite) loss; the statistics are
@@ -75,17 +77,18 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     ``cfg`` (default ``ArchConfig()``), or a ``MetaNetwork``, which brings its own config.
     """
     weights, cfg = resolve_weights(weights, cfg)
-    if impl == "fast":
-        backend = fast
-    elif impl == "reference":
-        backend = reference
-    else:
+    if impl not in ("fast", "reference"):
         raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
     n = len(params)
     if len(grads) != n or len(state.tensors) != n:
         raise ValueError(f"got {n} params, {len(grads)} grads and {len(state.tensors)} states")
+    if isinstance(loss, Tensor) and loss.numel() != 1:
+        raise ValueError(f"a loss must be a scalar, got shape {tuple(loss.shape)}")
     lrs = _per_tensor(lr, n, "lr")
     wds = _per_tensor(weight_decay, n, "weight_decay")
+    if impl == "reference":
+        return reference.step(weights, params, grads, state, loss=loss, lrs=lrs, wds=wds, maximize=maximize, cfg=cfg)
+    backend = fast
     active = [i for i in range(n) if params[i].numel() > 0]
     if not active:
         return list(params), state

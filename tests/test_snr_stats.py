@@ -16,11 +16,18 @@ from learned_opt.batched import population_step
 from learned_opt.config import N_LSTM_STATS, N_SNR_STATS
 from learned_opt.features import lstm_statistics
 from learned_opt.functional import init_state, lopt_step
-from learned_opt.reference import raw_statistics
 
 SNR = ArchConfig(snr_stats=True)
 V1 = "rnn-mlp-pes-mix-v1"  # shipped weights on the first architecture (no signal-to-noise inputs)
 
+
+
+def raw_statistics(p, g, m, v):
+    """(8,) float64 statistics of one tensor: mean/var of m, of v (over elements and decays),
+    of p, then the sums of squares of p and of g (the layout ``lstm_statistics`` reads)."""
+    m, v, p, g = m.double(), v.double(), p.double(), g.double()
+    return torch.stack([m.mean(), m.var(unbiased=False), v.mean(), v.var(unbiased=False),
+                        p.mean(), p.var(unbiased=False), (p * p).sum(), (g * g).sum()])
 
 def _raw(m, v, p, g):
     """The (T=1, 8) raw statistics of one tensor, as the reference computes them."""
