@@ -7,7 +7,7 @@ step with that member's meta-weights. For populations of 1, 8, 16 (8 antithetic 
 members we time, side by side in this process and interleaved repeat by repeat:
 
 * ``batched`` (what meta-training runs): the task's forward/backward of every member in one
-  ``vmap`` call, then :func:`learned_opt.batched.population_step` for all members;
+  ``vmap`` call, then :func:`learned_opt.functional.population_step` for all members;
 * ``batched_vmap``: the whole inner step (``lopt_step`` included) under one ``vmap`` call,
   the previous implementation, for comparison;
 * ``loop``: a Python loop calls the unbatched functional step (``lopt_step``) once per member,
@@ -37,7 +37,7 @@ from torch.func import grad_and_value, vmap
 
 from common import interleaved_medians, write_result  # noqa: E402
 from learned_opt import ArchConfig, load_weights  # noqa: E402
-from learned_opt.batched import population_step  # noqa: E402
+from learned_opt.functional import population_step  # noqa: E402
 from learned_opt.functional import init_state, lopt_step  # noqa: E402
 from meta_train.population import stack  # noqa: E402
 from meta_train.tasks.base import Task  # noqa: E402

@@ -1,23 +1,15 @@
-"""One learned-optimizer step for a whole population at once, without ``vmap``.
+"""The two per-element passes of the step for a whole population at once, without ``vmap``.
 
 Meta-training runs ``M`` copies of a small task side by side, each member with its own
-meta-weights. ``population_step`` is ``vmap(lopt_step)`` written out by hand: every input has
-a leading member dimension (the layout ``torch.stack`` of the members' trees gives), and the
-result equals ``lopt_step`` member by member to float rounding (tested against both the
-vmapped step and a loop). Why not just ``vmap``? On CPU, small tasks are bound by operator
-overhead and ``vmap`` turns the fast path's packing and segment sums into slow batched
-gathers; here the Python loop is over the task's tensors (a handful), each operation covers
-all members, and the per-element MLP is either one batched matmul per layer or, where the
-compiled kernel of :mod:`learned_opt.native` is available (float32 on CPU, outside autograd),
-that kernel called per member and tensor with the member's folded weights.
-
-Inputs, for ``M`` members and ``T`` tensors:
-
-* ``weights``: the meta-weights, each ``(M, *shape)``;
-* ``params``, ``grads``: lists of ``(M, *shape_t)`` tensors;
-* ``state``: an :class:`~learned_opt.functional.LOptState` whose fields carry the member
-  dimension first (global scalars ``(M,)``, accumulators ``(M, *shape_t, D)``, ...);
-* ``loss``: ``None`` or the members' training losses ``(M,)``.
+meta-weights. :func:`learned_opt.functional.population_step` runs the same orchestration as
+the drop-in step (:func:`~learned_opt.functional.lopt_step`) on inputs with a leading member
+dimension, and this module supplies its two passes over the elements. Why not just ``vmap``
+the drop-in step? On CPU, small tasks are bound by operator overhead and ``vmap`` turns the
+fast path's packing and segment sums into slow batched gathers; here the Python loop is over
+the task's tensors (a handful), each operation covers all members, and the per-element MLP is
+either one batched matmul per layer or, where the compiled kernel of :mod:`learned_opt.native`
+is available (float32 on CPU, outside autograd), that kernel called per member and tensor with
+the member's folded weights.
 
 It is functional: the inputs are not changed. The MLP's temporaries are bounded by
 ``chunk_rows`` rows (members x elements) per layer; the first pass, in its PyTorch form, makes
@@ -27,7 +19,7 @@ form makes none).
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import List, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,69 +27,34 @@ from torch import Tensor
 from . import native
 from .config import ArchConfig
 from .fast import _column_square_sums, combine_rows
-from .features import (clip_amount, column_scale, element_columns, fold_first_layer, frozen_to_zero, gradient_factor, unit_rms_factor,
-                       lstm_cell, lstm_statistics, tensor_constants, train_loss_statistics, update_clipper,
-                       validation_feature)
-from .state import LOptState, TensorState, check_architecture, compute_dtype
+from .features import column_scale, element_columns, fold_first_layer, frozen_to_zero, unit_rms_factor
 
 DEFAULT_CHUNK_ROWS = 1 << 16  # rows (members x elements) per chunk of the MLP pass
 
-_BIASES = ("lstm_b", "to_mlp_b", "to_shared_b")
+
+class _Work(NamedTuple):
+    params: List[Tensor]  # (M, n) flat, compute dtype
+    grads: List[Tensor]  # (M, n) clipped (unclipped where the kernel clips itself)
+    mom: List[Tensor]  # (M, n, D) updated
+    rms: List[Tensor]
+    shapes: List[torch.Size]  # one member's shape of each tensor
+    scale: Tensor  # (M, T, E) the element columns' per-tensor factors
+    amount: Tensor  # (M,) clip bounds
+    kernel: object  # the compiled kernel, or None
 
 
-def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Sequence[Tensor],
-                    state: LOptState, *, loss: Optional[Tensor] = None,
-                    lr: Union[float, Sequence[float]] = 1e-3, cfg: Optional[ArchConfig] = None,
-                    use_native: bool = True, chunk_rows: int = DEFAULT_CHUNK_ROWS):
-    """``lopt_step`` for ``M`` members at once; returns ``(new_params, new_state)`` with the
-    member dimension first. ``lr`` is a number or one number per tensor (shared by members)."""
-    cfg = cfg or ArchConfig()
-    check_architecture(weights, cfg)
-    T = len(params)
-    if len(grads) != T or len(state.tensors) != T:
-        raise ValueError(f"got {T} params, {len(grads)} grads and {len(state.tensors)} states")
-    if T == 0:
-        return [], state
+def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, use_native: bool = True):
+    """Pass 1 for every member: clip the gradients, update the accumulators, and return the
+    work for pass 2 and the per-tensor statistics (M, T, 8), float64."""
     Mb = params[0].shape[0]
-    if any(x.shape[0] != Mb for x in list(params) + list(grads)):
-        raise ValueError("every parameter and gradient needs the same leading member dimension")
-    if any(x[0].numel() == 0 for x in params):
-        raise ValueError("population_step does not take empty tensors")
-    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * T
-    if len(lrs) != T:
-        raise ValueError(f"lr has {len(lrs)} entries for {T} tensors")
-    dt = compute_dtype(params)
-    dev = params[0].device
-    f64 = torch.float64
-    D = cfg.n_decays
-    L = cfg.mlp_layers
-    w = {k: v.to(dt) for k, v in weights.items()}
-
-    glob = state.glob
-    if loss is None:
-        train_feat = torch.zeros(Mb, dtype=f64, device=dev)
-    else:
-        glob, train_feat = train_loss_statistics(glob, loss.detach().to(dev, f64).reshape(Mb), cfg)
-    valid_feat = validation_feature(glob, cfg)
-    if cfg.scale_free:  # each member's gradients in units of its first one's RMS
-        mean_sq = torch.stack([x.reshape(Mb, -1).to(f64).pow(2).mean(1) for x in grads]).mean(0)
-        glob, factor = gradient_factor(glob, mean_sq, cfg)
-        grads = [x * factor.to(dt).view(Mb, *([1] * (x.dim() - 1))) for x in grads]
-    amount = clip_amount(glob, cfg).to(dt)  # (M,)
-    amt = amount.unsqueeze(-1)
-
-    # pass 1: clip, accumulators, per-tensor statistics and column mean squares
-    kernel = _kernel(dt, dev, w) if use_native and not cfg.unit_rms_update else None
+    dt, dev, D = params[0].dtype, params[0].device, cfg.n_decays
+    kernel = _kernel(dt, dev) if use_native and not cfg.unit_rms_update else None
     b = torch.tensor(cfg.decays, dtype=dt, device=dev)
     one_b = 1 - b
-    shapes = [x.shape[1:] for x in params]
-    numels = [s.numel() for s in shapes]
+    amt = amount.unsqueeze(-1)
     P, G, Mo, V, raws, sqs = [], [], [], [], [], []
-    for t in range(T):
-        p = params[t].reshape(Mb, -1).to(dt)
-        g = grads[t].reshape(Mb, -1).to(dt)
-        m = state.tensors[t].mom.reshape(Mb, -1, D).to(dt)
-        v = state.tensors[t].rms.reshape(Mb, -1, D).to(dt)
+    for p, g, m, v in zip(params, grads, mom, rms):
+        p, g, m, v = p.reshape(Mb, -1), g.reshape(Mb, -1), m.reshape(Mb, -1, D), v.reshape(Mb, -1, D)
         if kernel is not None:  # g stays unclipped: both kernel passes clip it themselves
             g, p, m, v, raw_t, sq_t = _stats_native(kernel, g, p, m, v, amount, b, one_b, cfg)
         else:
@@ -108,48 +65,37 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
         G.append(g)
         Mo.append(m)
         V.append(v)
-    raw = torch.stack(raws, dim=1)  # (M, T, 8)
-    n_t = torch.tensor(numels, dtype=dt, device=dev)
-    scale = column_scale(torch.stack(sqs, dim=1) / n_t[:, None], cfg)  # (M, T, E)
-    glob = update_clipper(glob, raw[..., 7] / n_t.to(raw.dtype), cfg)
+    shapes = [x.shape[1:] for x in params]
+    n_t = torch.tensor([s.numel() for s in shapes], dtype=dt, device=dev)
+    scale = column_scale(torch.stack(sqs, dim=1) / n_t[:, None], cfg)
+    return _Work(P, G, Mo, V, shapes, scale, amount, kernel), torch.stack(raws, dim=1)
 
-    # the per-tensor LSTM, all members and tensors together
-    wb = dict(w)
-    for k in _BIASES:
-        wb[k] = w[k].unsqueeze(1)
-    stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg).to(dt)
-    from_mlp = torch.stack([s.from_mlp.to(dt) for s in state.tensors], dim=1)
-    from_lstm = state.glob.from_lstm.to(dt).unsqueeze(1).expand(-1, T, -1)
-    h = torch.stack([s.lstm_h.to(dt) for s in state.tensors], dim=1)
-    c = torch.stack([s.lstm_c.to(dt) for s in state.tensors], dim=1)
-    h, c = lstm_cell(wb, torch.cat([stats, from_mlp, from_lstm], dim=-1), h, c)
-    to_mlp = h @ w["to_mlp_w"] + wb["to_mlp_b"]
-    new_from_lstm = (h @ w["to_shared_w"] + wb["to_shared_b"]).mean(-2)
 
-    # pass 2: the per-element MLP and the update, first layer folded per member and tensor
-    consts = tensor_constants(state.glob.step, T, raw[..., 6].to(dt), numels, to_mlp)
-    w0s, w0c = fold_first_layer(w["mlp_w0"], scale, cfg)  # (M, T, E, H), (M, C, H)
+def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+    """Pass 2 for every member: the per-element MLP (first layer folded per member and
+    tensor) and the update. Returns the new parameters (M, *shape), the messages (M, T, F) and
+    the accumulators (M, *shape, D)."""
+    Mb, L, D = consts.shape[0], cfg.mlp_layers, cfg.n_decays
+    w0s, w0c = fold_first_layer(w["mlp_w0"], work.scale, cfg)  # (M, T, E, H), (M, C, H)
     bias0 = consts @ w0c + w["mlp_b0"].unsqueeze(1)  # (M, T, H)
     wl, bl = w[f"mlp_w{L}"], w[f"mlp_b{L}"]
-    if kernel is not None:
-        per_member = _member_weights(w, amount, cfg)
+    if work.kernel is not None:
+        per_member = _member_weights(w, work.amount, cfg)
     new_p, hsums = [], []
-    for t in range(T):
-        lr_t = float(lrs[t])
-        if kernel is not None:
-            p_new, hs = _mlp_native(kernel, t, G[t], P[t], Mo[t], V[t], per_member, w0s, bias0, lr_t, cfg)
+    for t in range(len(work.params)):
+        lr_t, keep = float(lrs[t]), 1.0 - float(lrs[t]) * float(wds[t])
+        g, p, m, v = work.grads[t], work.params[t], work.mom[t], work.rms[t]
+        if work.kernel is not None:
+            p_new, hs = _mlp_native(work.kernel, t, g, p, m, v, per_member, w0s, bias0, lr_t, keep, cfg)
         else:
-            p_new, hs = _mlp_torch(t, G[t], P[t], Mo[t], V[t], w, w0s, bias0, lr_t, cfg, chunk_rows)
-        new_p.append(p_new)
+            p_new, hs = _mlp_torch(t, g, p, m, v, w, w0s, bias0, lr_t, keep, cfg, chunk_rows)
+        new_p.append(p_new.view(Mb, *work.shapes[t]))
         hsums.append(hs)
-    hsum = torch.stack(hsums, dim=1)  # (M, T, H)
-    messages = (hsum / n_t[:, None]) @ wl[..., 2:] + bl[:, None, 2:]
-
-    out_p = [new_p[t].view(Mb, *shapes[t]).to(params[t].dtype) for t in range(T)]
-    out_s = [TensorState(mom=Mo[t].view(Mb, *shapes[t], D), rms=V[t].view(Mb, *shapes[t], D),
-                         lstm_h=h[:, t], lstm_c=c[:, t], from_mlp=messages[:, t]) for t in range(T)]
-    glob = glob._replace(step=glob.step + 1, from_lstm=new_from_lstm.to(f64))
-    return out_p, LOptState(glob, out_s)
+    n_t = torch.tensor([s.numel() for s in work.shapes], dtype=consts.dtype, device=consts.device)
+    messages = (torch.stack(hsums, dim=1) / n_t[:, None]) @ wl[..., 2:] + bl[:, None, 2:]
+    new_m = [m.view(Mb, *s, D) for m, s in zip(work.mom, work.shapes)]
+    new_v = [v.view(Mb, *s, D) for v, s in zip(work.rms, work.shapes)]
+    return new_p, messages, new_m, new_v
 
 
 def _stats_torch(g, p, m, v, amt, b, one_b, cfg: ArchConfig):
@@ -191,7 +137,7 @@ def _stats_native(kernel, g, p, m, v, amount, b, one_b, cfg: ArchConfig):
     return g, p, m, v, raw, sqs.sum(1).to(p.dtype)
 
 
-def _mlp_torch(t, g, p, m, v, w, w0s, bias0, lr, cfg: ArchConfig, chunk_rows: int):
+def _mlp_torch(t, g, p, m, v, w, w0s, bias0, lr, keep, cfg: ArchConfig, chunk_rows: int):
     """Batched matmuls over the members, in chunks of elements. g is already clipped."""
     Mb, n = p.shape
     L = cfg.mlp_layers
@@ -217,14 +163,12 @@ def _mlp_torch(t, g, p, m, v, w, w0s, bias0, lr, cfg: ArchConfig, chunk_rows: in
     step = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     if cfg.unit_rms_update:  # each member's d / RMS(d) over this tensor
         step = step * unit_rms_factor(d_sq, d_n).to(step.dtype).unsqueeze(1)
-    return p - lr * step, hsum
+    return p * keep - lr * step, hsum
 
 
-def _kernel(dt, dev, w):
+def _kernel(dt, dev):
     """The compiled kernel where it can run this step: float32 on CPU, outside autograd."""
     if dt != torch.float32 or dev.type != "cpu" or torch.is_grad_enabled() or not native.enabled():
-        return None
-    if any(x.requires_grad for x in w.values()):
         return None
     return native.get()
 
@@ -238,12 +182,12 @@ def _member_weights(w, amount, cfg: ArchConfig):
             amount.tolist())
 
 
-def _mlp_native(kernel, t, g, p, m, v, per_member, w0s, bias0, lr, cfg: ArchConfig):
+def _mlp_native(kernel, t, g, p, m, v, per_member, w0s, bias0, lr, keep, cfg: ArchConfig):
     """The compiled MLP pass (all members in one call), on a copy of the parameters (it
     updates them in place)."""
     hidden_w, hidden_b, w_dir, w_mag, b_dir, b_mag, amounts = per_member
     p_new = p.clone()
     hs = kernel.mlp_pass_members(g, p_new, m, v, amounts, cfg.rms_eps, w0s[:, t].contiguous(),
                                  bias0[:, t].contiguous(), hidden_w, hidden_b, w_dir, w_mag, b_dir, b_mag,
-                                 cfg.magnitude_rate, lr, 1.0, cfg.freeze_untouched)
+                                 cfg.magnitude_rate, lr, keep, cfg.freeze_untouched)
     return p_new, hs.to(p.dtype)

@@ -33,20 +33,35 @@ Loss features when losses are missing (our definition; the reference requires a 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import fast, reference
+from . import batched, fast, reference
 from .config import ArchConfig
-from .features import (clip_amount, gradient_factor, lstm_cell, lstm_statistics, observe_validation_loss,  # noqa: F401
-                       tensor_constants, update_clipper, update_training_loss, validation_feature)
+from .features import (_as_scalar, clip_amount, gradient_factor, lstm_cell, lstm_statistics,  # noqa: F401
+                       observe_validation_loss, tensor_constants, train_loss_statistics, update_clipper,
+                       update_training_loss, validation_feature)
 from .state import (GlobalState, LOptState, Number, TensorState, check_architecture, compute_dtype,  # noqa: F401
                     init_global_state, init_state, init_tensor_state, resolve_weights)
 
 if TYPE_CHECKING:
     from .network import MetaNetwork
+
+def _checked(weights, cfg, impl, params, grads, state, lr, weight_decay):
+    """The checks both entry points make: the weights with their config, the implementation's
+    name, aligned lists, and one lr and weight decay per tensor."""
+    weights, cfg = resolve_weights(weights, cfg)
+    if impl not in ("fast", "reference"):
+        raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+    n = len(params)
+    if len(grads) != n or len(state.tensors) != n:
+        raise ValueError(f"got {n} params, {len(grads)} grads and {len(state.tensors)} states")
+    return weights, cfg, _per_tensor(lr, n, "lr"), _per_tensor(weight_decay, n, "weight_decay")
+
 
 def _per_tensor(value, n: int, name: str) -> List:
     if isinstance(value, (list, tuple)):
@@ -76,66 +91,130 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     ``vmap`` or when the inputs must survive. ``weights`` is a name -> tensor dict with its
     ``cfg`` (default ``ArchConfig()``), or a ``MetaNetwork``, which brings its own config.
     """
-    weights, cfg = resolve_weights(weights, cfg)
-    if impl not in ("fast", "reference"):
-        raise ValueError(f"impl must be 'fast' or 'reference', got {impl!r}")
+    weights, cfg, lrs, wds = _checked(weights, cfg, impl, params, grads, state, lr, weight_decay)
     n = len(params)
-    if len(grads) != n or len(state.tensors) != n:
-        raise ValueError(f"got {n} params, {len(grads)} grads and {len(state.tensors)} states")
     if isinstance(loss, Tensor) and loss.numel() != 1:
         raise ValueError(f"a loss must be a scalar, got shape {tuple(loss.shape)}")
-    lrs = _per_tensor(lr, n, "lr")
-    wds = _per_tensor(weight_decay, n, "weight_decay")
     if impl == "reference":
         return reference.step(weights, params, grads, state, loss=loss, lrs=lrs, wds=wds, maximize=maximize, cfg=cfg)
-    backend = fast
     active = [i for i in range(n) if params[i].numel() > 0]
     if not active:
         return list(params), state
+    loss = None if loss is None else _as_scalar(loss, state.glob.step.device)
+    passes = (functools.partial(fast.tensor_statistics, chunk_size=chunk_size, inplace=inplace),
+              functools.partial(fast.mlp_update, chunk_size=chunk_size))
+    new_p, glob, tensors = _orchestrate(passes, weights, [params[i] for i in active], [grads[i] for i in active],
+                                        [state.tensors[i] for i in active], state.glob, loss,
+                                        [lrs[i] for i in active], [wds[i] for i in active], maximize, cfg)
+    out_params, out_tensors = list(params), list(state.tensors)
+    for j, i in enumerate(active):
+        out_params[i] = new_p[j].to(params[i].dtype)
+        out_tensors[i] = tensors[j]
+    return out_params, LOptState(glob, out_tensors)
 
-    dt = compute_dtype([params[i] for i in active])
-    w = {k: v.to(dt) for k, v in weights.items()}
-    P = [params[i].to(dt) for i in active]
-    G = [grads[i].to(dt) for i in active]
-    if maximize:
-        G = [-x for x in G]
-    M = [state.tensors[i].mom.to(dt) for i in active]
-    V = [state.tensors[i].rms.to(dt) for i in active]
-    shapes = [params[i].shape for i in active]
-    numels = [params[i].numel() for i in active]
 
-    glob, train_feat = update_training_loss(state.glob, loss, cfg)
-    if cfg.scale_free:  # gradients in units of the first one's RMS
-        glob, factor = gradient_factor(glob, torch.stack([(x.double() * x.double()).mean() for x in G]).mean(), cfg)
-        G = [x * factor.to(dt) for x in G]
+def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads: Sequence[Tensor],
+                    state: LOptState, *, loss: Optional[Tensor] = None,
+                    lr: Union[Number, Sequence[Number]] = 1e-3,
+                    weight_decay: Union[Number, Sequence[Number]] = 0.0,
+                    maximize: bool = False, cfg: Optional[ArchConfig] = None,
+                    impl: str = "fast", use_native: bool = True,
+                    chunk_rows: int = batched.DEFAULT_CHUNK_ROWS):
+    """:func:`lopt_step` for ``M`` members at once, each with its own meta-weights; returns
+    ``(new_params, new_state)`` with the member dimension first. Equal to ``vmap(lopt_step)``
+    to float rounding (tested), without ``vmap``'s cost on small tasks (:mod:`.batched`).
+
+    Inputs, for ``M`` members and ``T`` tensors: ``weights`` each ``(M, *shape)``; ``params``
+    and ``grads`` lists of ``(M, *shape_t)`` tensors; ``state`` an :class:`LOptState` whose
+    fields carry the member dimension first (global scalars ``(M,)``, accumulators
+    ``(M, *shape_t, D)``, ...), as ``torch.stack`` of the members' trees gives; ``loss``
+    ``None`` or the members' training losses ``(M,)``. ``lr`` and ``weight_decay`` are numbers
+    or one number per tensor, shared by the members. ``impl="reference"`` runs
+    :mod:`.reference` member by member; ``use_native=False`` keeps the fast path off the
+    compiled kernel."""
+    weights, cfg, lrs, wds = _checked(weights, cfg, impl, params, grads, state, lr, weight_decay)
+    if not params:
+        return [], state
+    Mb = params[0].shape[0]
+    if any(x.shape[0] != Mb for x in list(params) + list(grads)):
+        raise ValueError("every parameter and gradient needs the same leading member dimension")
+    if any(x[0].numel() == 0 for x in params):
+        raise ValueError("population_step does not take empty tensors")
+    if loss is not None:
+        loss = loss.detach().to(params[0].device, torch.float64).reshape(Mb)
+    if impl == "reference":
+        out = [reference.step({k: v[i] for k, v in weights.items()}, [p[i] for p in params], [g[i] for g in grads],
+                              _member(state, i), loss=None if loss is None else loss[i], lrs=lrs, wds=wds,
+                              maximize=maximize, cfg=cfg) for i in range(Mb)]
+        return _stack([o[0] for o in out]), _stack([o[1] for o in out])
+    passes = (functools.partial(batched.tensor_statistics, use_native=use_native),
+              functools.partial(batched.mlp_update, chunk_rows=chunk_rows))
+    new_p, glob, tensors = _orchestrate(passes, weights, params, grads, state.tensors, state.glob, loss,
+                                        lrs, wds, maximize, cfg)
+    return [x.to(p.dtype) for x, p in zip(new_p, params)], LOptState(glob, tensors)
+
+
+def _member(state: LOptState, i: int) -> LOptState:
+    return LOptState(GlobalState(*(x[i] for x in state.glob)),
+                     [TensorState(*(x[i] for x in s)) for s in state.tensors])
+
+
+def _stack(trees):
+    leaves = [tree_flatten(t) for t in trees]
+    return tree_unflatten([torch.stack(xs) for xs in zip(*(lv for lv, _ in leaves))], leaves[0][1])
+
+
+def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: Optional[Tensor],
+                 lrs, wds, maximize: bool, cfg: ArchConfig):
+    """The step of the fast paths, for one optimizer (``glob.step`` of shape ``()``) or a
+    population (global fields ``(M,)``, every tensor with the member dimension first): loss
+    features, the gradients' scale, the two passes over the elements (``passes``: statistics,
+    then MLP and update) around the per-tensor LSTM. Returns the new parameters (compute
+    dtype), the new global state and the new tensor states."""
+    lead = glob.step.shape
+    k, f64 = len(lead), torch.float64
+    dt = compute_dtype(P)
+    w = {name: x.to(dt) for name, x in weights.items()}
+    P = [x.to(dt) for x in P]
+    G = [(-x if maximize else x).to(dt) for x in G]
+    Mo = [s.mom.to(dt) for s in tensor_states]
+    V = [s.rms.to(dt) for s in tensor_states]
+    shapes = [x.shape[k:] for x in P]
+    numels = [s.numel() for s in shapes]
+    T = len(P)
+
+    # step 1: the loss features, and the gradients in units of the first one's RMS
+    step0, from_lstm0 = glob.step, glob.from_lstm
+    if loss is None:
+        train_feat = torch.zeros(lead, dtype=f64, device=step0.device)
+    else:
+        glob, train_feat = train_loss_statistics(glob, loss, cfg)
+    if cfg.scale_free:
+        mean_sq = torch.stack([x.reshape(tuple(lead) + (-1,)).to(f64).pow(2).mean(-1) for x in G]).mean(0)
+        glob, factor = gradient_factor(glob, mean_sq, cfg)
+        G = [x * factor.to(dt).reshape(tuple(lead) + (1,) * (x.dim() - k)) for x in G]
     valid_feat = validation_feature(glob, cfg)
     amount = clip_amount(glob, cfg).to(dt)
 
-    # steps 2-3 and the per-tensor statistics
-    work, raw = backend.tensor_statistics(P, G, M, V, amount, cfg, chunk_size, inplace=inplace)
-    glob = update_clipper(glob, raw[:, 7] / torch.tensor(numels, dtype=raw.dtype, device=raw.device), cfg)
+    # steps 2-3: clip, accumulators, per-tensor statistics
+    work, raw = passes[0](P, G, Mo, V, amount, cfg)
+    glob = update_clipper(glob, raw[..., 7] / torch.tensor(numels, dtype=raw.dtype, device=raw.device), cfg)
 
-    # step 4: per-tensor LSTM
+    # step 4: the per-tensor LSTM (a population's biases broadcast over its tensors)
+    wb = w if k == 0 else {**w, **{b: w[b].unsqueeze(-2) for b in ("lstm_b", "to_mlp_b", "to_shared_b")}}
     stats = lstm_statistics(raw, shapes, train_feat, valid_feat, cfg).to(dt)
-    from_mlp = torch.stack([state.tensors[i].from_mlp.to(dt) for i in active])
-    from_lstm = state.glob.from_lstm.to(dt).expand(len(active), -1)
-    h = torch.stack([state.tensors[i].lstm_h.to(dt) for i in active])
-    c = torch.stack([state.tensors[i].lstm_c.to(dt) for i in active])
-    h, c = lstm_cell(w, torch.cat([stats, from_mlp, from_lstm], dim=-1), h, c)
-    to_mlp = h @ w["to_mlp_w"] + w["to_mlp_b"]
-    new_from_lstm = (h @ w["to_shared_w"] + w["to_shared_b"]).mean(0)
+    from_mlp = torch.stack([s.from_mlp.to(dt) for s in tensor_states], dim=k)
+    shared = from_lstm0.to(dt).unsqueeze(-2).expand(*lead, T, -1)
+    h = torch.stack([s.lstm_h.to(dt) for s in tensor_states], dim=k)
+    c = torch.stack([s.lstm_c.to(dt) for s in tensor_states], dim=k)
+    h, c = lstm_cell(wb, torch.cat([stats, from_mlp, shared], dim=-1), h, c)
+    to_mlp = h @ w["to_mlp_w"] + wb["to_mlp_b"]
+    new_from_lstm = (h @ w["to_shared_w"] + wb["to_shared_b"]).mean(-2)
 
-    # steps 5-6: per-element MLP and the update
-    consts = tensor_constants(state.glob.step, len(active), raw[:, 6].to(dt), numels, to_mlp)
-    lr_a = [lrs[i] for i in active]
-    wd_a = [wds[i] for i in active]
-    new_p, messages, new_m, new_v = backend.mlp_update(work, w, consts, lr_a, wd_a, cfg, chunk_size)
-
-    out_params = list(params)
-    out_tensors = list(state.tensors)
-    for j, i in enumerate(active):
-        out_params[i] = new_p[j].to(params[i].dtype)
-        out_tensors[i] = TensorState(mom=new_m[j], rms=new_v[j], lstm_h=h[j], lstm_c=c[j],
-                                     from_mlp=messages[j])
-    glob = glob._replace(step=glob.step + 1, from_lstm=new_from_lstm.to(torch.float64))
-    return out_params, LOptState(glob, out_tensors)
+    # steps 5-6: the per-element MLP and the update
+    consts = tensor_constants(step0, T, raw[..., 6].to(dt), numels, to_mlp)
+    new_p, messages, new_m, new_v = passes[1](work, w, consts, lrs, wds, cfg)
+    tensors = [TensorState(mom=new_m[j], rms=new_v[j], lstm_h=h[..., j, :], lstm_c=c[..., j, :],
+                           from_mlp=messages[..., j, :]) for j in range(T)]
+    glob = glob._replace(step=glob.step + 1, from_lstm=new_from_lstm.to(f64))
+    return new_p, glob, tensors

@@ -56,6 +56,15 @@ class LOptState(NamedTuple):
     glob: GlobalState
     tensors: List[TensorState]
 
+    def to_saved(self) -> dict:
+        """Plain lists of tensors, for ``torch.save`` (the one serialised form of a state)."""
+        return {"glob": list(self.glob), "tensors": [list(t) for t in self.tensors]}
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "LOptState":
+        """The inverse of :meth:`to_saved`; states saved before ``grad_ref`` existed load too."""
+        return cls(GlobalState.from_saved(saved["glob"]), [TensorState(*t) for t in saved["tensors"]])
+
 
 # ---------------------------------------------------------------------------- state
 

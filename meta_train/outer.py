@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from learned_opt import ArchConfig, load_weights
-from learned_opt.functional import GlobalState, LOptState, TensorState, init_state, lopt_step
+from learned_opt.functional import LOptState, init_state, lopt_step
 
 
 class OuterOptimizer:
@@ -49,10 +49,10 @@ class OuterOptimizer:
     def state_dict(self):
         if self.kind == "adam":
             return {"adam": self.adam.state_dict()}
-        return {"glob": list(self.state.glob), "tensors": [list(t) for t in self.state.tensors]}
+        return self.state.to_saved()
 
     def load_state_dict(self, sd) -> None:
         if self.kind == "adam":
             self.adam.load_state_dict(sd["adam"])
         else:
-            self.state = LOptState(GlobalState.from_saved(sd["glob"]), [TensorState(*t) for t in sd["tensors"]])
+            self.state = LOptState.from_saved(sd)

@@ -5,7 +5,7 @@ own initialisation and data seed). For an outer step, every pair is evaluated at
 ``theta + sigma z`` and ``theta - sigma z``: the ``2 * pairs`` members are stacked and each
 inner step runs for all of them at once: the task's forward and backward as one
 ``torch.func.vmap`` call, the learned-optimizer step as
-:func:`learned_opt.batched.population_step` (tested equal to ``vmap(lopt_step)``). Both
+:func:`learned_opt.functional.population_step` (tested equal to ``vmap(lopt_step)``). Both
 members of a pair see the same batches.
 
 Truncated ES keeps one state per pair: both members start each truncation from it and the
@@ -25,9 +25,9 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from learned_opt import ArchConfig
-from learned_opt.batched import population_step
+from learned_opt.functional import population_step
 from learned_opt.features import observe_validation_loss
-from learned_opt.state import GlobalState, LOptState, TensorState, init_state
+from learned_opt.state import LOptState, init_state
 
 from .tasks.base import Task, TaskFamily, _mix, generator
 
@@ -246,7 +246,7 @@ class Group:
         """Plain containers of tensors and numbers (loadable with weights_only=True)."""
         ls = None
         if self.lstate is not None:
-            ls = {"glob": list(self.lstate.glob), "tensors": [list(t) for t in self.lstate.tensors]}
+            ls = self.lstate.to_saved()
         return {"resets": self.resets, "step": self.step, "horizon": self.horizon,
                 "params": dict(self.params), "lstate": ls,
                 "adam": None if self.adam is None else {k: dict(v) for k, v in self.adam.items()}}
@@ -257,8 +257,7 @@ class Group:
         self.step, self.horizon = sd["step"], sd["horizon"]
         self.params = dict(sd["params"])
         ls = sd["lstate"]
-        self.lstate = None if ls is None else LOptState(
-            GlobalState.from_saved(ls["glob"]), [TensorState(*t) for t in ls["tensors"]])
+        self.lstate = None if ls is None else LOptState.from_saved(ls)
         if self.adam is not None:
             if sd.get("adam") is None:
                 raise RuntimeError("the checkpoint holds no Adam runs, which versus_adam needs")

@@ -8,7 +8,7 @@ from torch.func import vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from learned_opt import ArchConfig, load_weights, native
-from learned_opt.batched import population_step
+from learned_opt.functional import population_step
 from learned_opt.functional import init_state, lopt_step
 
 CFG = ArchConfig()
@@ -73,6 +73,27 @@ def test_population_step_equals_the_reference_member_by_member():
             ps[i], ss[i] = lopt_step(ws[i], ps[i], [x[i] for x in G], ss[i], lr=3e-3, cfg=CFG,
                                      loss=None if loss is None else loss[i], impl="reference")
     assert _worst((P, S), (_stack(ps), _stack(ss))) < 1e-11
+
+
+@pytest.mark.parametrize("use_native", [False, True])
+def test_weight_decay_and_maximize_take_the_drop_in_steps_meaning(use_native):
+    """One orchestration serves both steps: with weight decay, per-tensor lr and maximize the
+    population step equals the drop-in step member by member, on the fast path and (the same
+    signature, impl="reference") on the reference."""
+    ws, ps, ss = _population(torch.float32, seed=4)
+    W, P, S = _stack(ws), _stack(ps), _stack(ss)
+    R = (P, S)
+    lrs = [1e-3 * (t + 1) for t in range(len(SHAPES))]
+    kw = dict(lr=lrs, weight_decay=0.1, maximize=True, cfg=CFG)
+    for step in range(3):
+        G, losses = _grads(step, torch.float32)
+        with torch.no_grad():
+            P, S = population_step(W, P, G, S, loss=losses, use_native=use_native, **kw)
+            R = population_step(W, *R[:1], G, R[1], loss=losses, impl="reference", **kw)
+        for i in range(M):
+            ps[i], ss[i] = lopt_step(ws[i], ps[i], [x[i] for x in G], ss[i], loss=losses[i], **kw)
+    assert _worst((P, S), (_stack(ps), _stack(ss))) < 1e-5
+    assert _worst(R, (_stack(ps), _stack(ss))) < 1e-5
 
 
 @pytest.mark.parametrize("use_native", [False, True])

@@ -87,7 +87,7 @@ def test_cuda_population_step_equals_the_cpu_reference():
     """The meta-training population step on CUDA tensors (its batched-matmul path) against the
     readable reference run member by member on the CPU, float64."""
     from test_batched import CFG, M, _grads, _population, _stack, _worst
-    from learned_opt.batched import population_step
+    from learned_opt.functional import population_step
     from learned_opt.functional import lopt_step
 
     ws, ps, ss = _population(torch.float64, seed=3)

@@ -1,6 +1,7 @@
 """Data parallel training with 2 gloo processes: a loss given to ``step`` is averaged over the
 group, so DDP replicas (which hold the same averaged gradients) stay bit-identical."""
 
+import datetime
 import os
 import socket
 
@@ -22,7 +23,7 @@ def _free_port():
 def _worker(rank, world, port, out, loss_group, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)))
@@ -71,7 +72,7 @@ def test_loss_group_is_checked():
 
 def _dtensor_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

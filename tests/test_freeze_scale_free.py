@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from helpers import random_weights
 from learned_opt import ArchConfig, LearnedOptimizer, native
-from learned_opt.batched import population_step
+from learned_opt.functional import population_step
 from learned_opt.functional import init_state, lopt_step
 
 EPS = dict(rms_eps=1e-10)  # the default weights' eps

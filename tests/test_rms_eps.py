@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from helpers import random_weights
 from learned_opt import ArchConfig, load_weights, native, save_weights
-from learned_opt.batched import population_step
+from learned_opt.functional import population_step
 from learned_opt.features import element_columns
 from learned_opt.functional import init_state, lopt_step
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from learned_opt import ArchConfig, LearnedOptimizer, MetaNetwork, load_weights, save_weights
-from learned_opt.batched import population_step
+from learned_opt.functional import population_step
 from learned_opt.config import N_LSTM_STATS, N_SNR_STATS
 from learned_opt.features import lstm_statistics
 from learned_opt.functional import init_state, lopt_step
