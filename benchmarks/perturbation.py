@@ -8,7 +8,11 @@ batches; in the second run every gradient is multiplied elementwise by (1 + 1e-6
 fixed noise. Reported: the relative parameter difference ||p_a - p_b|| / ||p_a|| after 20, 100
 and 300 steps, median over seeds, and its ratio to Adam's.
 
-    python benchmarks/perturbation.py [--weights W] [--seeds 5] [--out benchmarks/results/perturbation.json]
+    python benchmarks/perturbation.py [--weights W1,W2] [--sign-tolerance 1e-4] [--seeds 5]
+        [--out benchmarks/results/perturbation.json]
+
+``--sign-tolerance T`` also runs every weights file read with ``ArchConfig.sign_tolerance = T``
+(``MetaNetwork.with_options``: the same weights, the LSTM's sign inputs 0 within rounding).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from common import write_result
-from learned_opt import LearnedOptimizer
+from learned_opt import LearnedOptimizer, load_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKPOINTS = (20, 100, 300)
@@ -62,18 +66,25 @@ def divergence(make_opt, seeds: int, rel: float = 1e-6):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default="", help="comma-separated weights; empty: the shipped default")
+    ap.add_argument("--sign-tolerance", type=float, default=0.0,
+                    help="also run each weights file with this ArchConfig.sign_tolerance")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "perturbation.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     res = {"adam_1e-3": divergence(lambda p: torch.optim.Adam(p, lr=1e-3), args.seeds)}
     for w in args.weights.split(","):
-        res[w or "default"] = divergence(lambda p, w=w: LearnedOptimizer(p, **({"weights": w} if w else {})),
-                                         args.seeds)
+        net = load_weights(w or None)[0]
+        variants = {w or "default": net}
+        if args.sign_tolerance:
+            variants[f"{w or 'default'} sign_tolerance={args.sign_tolerance:g}"] = net.with_options(
+                sign_tolerance=args.sign_tolerance)
+        for name, n in variants.items():
+            res[name] = divergence(lambda p, n=n: LearnedOptimizer(p, weights=n), args.seeds)
     for name, r in res.items():
         ratio = {t: r[t] / max(res["adam_1e-3"][t], 1e-30) for t in CHECKPOINTS}
         r["over_adam"] = ratio
-        print(f"{name:>36}: " + ", ".join(f"step {t}: {r[t]:.2e} ({ratio[t]:.0f}x Adam)" for t in CHECKPOINTS))
+        print(f"{name:>58}: " + ", ".join(f"step {t}: {r[t]:.2e} ({ratio[t]:.0f}x Adam)" for t in CHECKPOINTS))
     write_result(args.out, "perturbation.py", argv, {"relative_perturbation": 1e-6, "seeds": args.seeds,
                                                       "results": {k: {str(t): v for t, v in r.items()}
                                                                   for k, r in res.items()}})

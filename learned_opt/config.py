@@ -86,12 +86,20 @@ class ArchConfig:
     # bounds how fast weights can grow. The compiled CPU kernel does not implement it (the
     # step runs in plain PyTorch).
     unit_rms_update: bool = False
+    # The LSTM reads the sign of each tensor's mean of m, v and p. Where a mean is zero in exact
+    # arithmetic (the mean gradient of a softmax output's bias), its sign is decided by rounding,
+    # and a flip moves that input by 2: a relative change of 1e-6 in the gradients then changes
+    # the run by orders of magnitude more than Adam's. With a tolerance > 0 the sign reads 0
+    # where |mean| <= sign_tolerance * RMS (over the tensor's elements, and decays for m and v).
+    sign_tolerance: float = 0.0
 
     def __post_init__(self):
         for name in ("magnitude_rate", "rms_eps", "norm_eps", "grad_reference"):
             value = getattr(self, name)
             if not (0 < value < float("inf")):
                 raise ValueError(f"{name} must be positive and finite, got {value}")
+        if not (0 <= self.sign_tolerance < 1):
+            raise ValueError(f"sign_tolerance must be in [0, 1), got {self.sign_tolerance}")
         if self.absolute_snr and self.dual_snr:
             raise ValueError("absolute_snr and dual_snr exclude each other (dual_snr already has "
                              "the unscaled m/sqrt(v) columns, beside the scaled ones)")

@@ -144,10 +144,17 @@ def lstm_statistics(raw: Tensor, shapes, train_feat: Tensor, valid_feat: Tensor,
     mean_m, var_m, mean_v, var_v, mean_p, var_p, ss_p, ss_g = raw.unbind(-1)
     lead = raw.shape[:-1]
     shp = torch.tensor(shape_features(shapes), dtype=raw.dtype, device=raw.device).expand(*lead, -1)
+    tol = 0.0 if cfg is None else cfg.sign_tolerance
+
+    def sign(mean, var):  # 0 where the mean is within rounding of zero (ArchConfig.sign_tolerance)
+        if not tol:
+            return torch.sign(mean)
+        return torch.where(mean.abs() <= tol * torch.sqrt(var + mean * mean), torch.zeros_like(mean), torch.sign(mean))
+
     cols = [
-        clip_log_abs(mean_m), torch.sign(mean_m), clip_log_abs(var_m),
-        clip_log_abs(mean_v), torch.sign(mean_v), clip_log_abs(var_v),
-        clip_log_abs(mean_p), torch.sign(mean_p), clip_log_abs(var_p),
+        clip_log_abs(mean_m), sign(mean_m, var_m), clip_log_abs(var_m),
+        clip_log_abs(mean_v), sign(mean_v, var_v), clip_log_abs(var_v),
+        clip_log_abs(mean_p), sign(mean_p, var_p), clip_log_abs(var_p),
         clip_log_abs(torch.sqrt(ss_p)), clip_log_abs(torch.sqrt(ss_g)),
         shp[..., 4],
     ] + [shp[..., j] for j in range(N_SHAPE_DIMS)] + [

@@ -217,15 +217,17 @@ class MetaNetwork(nn.Module):
 
     def with_options(self, **changes) -> "MetaNetwork":
         """This network's weights under a config with some boolean options changed that keep
-        every shape (``freeze_untouched``, ``scale_free``, ``unit_rms_update``): the same weights, not always the
+        every shape (``freeze_untouched``, ``scale_free``, ``unit_rms_update``, ``sign_tolerance``): the same weights, not always the
         same updates. A starting point for meta-training. Returns ``self`` if nothing changes."""
-        allowed = {"freeze_untouched", "scale_free", "unit_rms_update"}
+        flags = {"freeze_untouched", "scale_free", "unit_rms_update"}
+        allowed = flags | {"sign_tolerance"}
         unknown = set(changes) - allowed
         if unknown:
             raise ValueError(f"with_options changes only {sorted(allowed)}, got {sorted(unknown)}")
-        if all(getattr(self.config, k) == bool(v) for k, v in changes.items()):
+        changes = {k: bool(v) if k in flags else float(v) for k, v in changes.items()}
+        if all(getattr(self.config, k) == v for k, v in changes.items()):
             return self
-        return self._same_weights_under(dataclasses.replace(self.config, **{k: bool(v) for k, v in changes.items()}))
+        return self._same_weights_under(dataclasses.replace(self.config, **changes))
 
     def _same_weights_under(self, cfg: ArchConfig) -> "MetaNetwork":
         """A network of ``cfg`` (same parameter shapes) holding a copy of this one's weights."""

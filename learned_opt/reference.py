@@ -92,9 +92,13 @@ def _lstm_inputs(p, g, m, v, shape, train_feat, valid_feat, cfg: ArchConfig, dt)
     var_m, var_v, var_p = ((m64 - mean_m) ** 2).mean(), ((v64 - mean_v) ** 2).mean(), ((p64 - mean_p) ** 2).mean()
     norm_p, norm_g = torch.sqrt((p64 * p64).sum()), torch.sqrt((g64 * g64).sum())
     dims = torch.tensor(_log_dims(shape), dtype=torch.float64, device=p.device)
-    stats = [_log_magnitude(mean_m), torch.sign(mean_m), _log_magnitude(var_m),
-             _log_magnitude(mean_v), torch.sign(mean_v), _log_magnitude(var_v),
-             _log_magnitude(mean_p), torch.sign(mean_p), _log_magnitude(var_p),
+    def sign(x, mean):  # 0 within sign_tolerance x RMS of zero
+        rms = torch.sqrt((x * x).mean())
+        return torch.where(mean.abs() <= cfg.sign_tolerance * rms, torch.zeros_like(mean), torch.sign(mean))
+
+    stats = [_log_magnitude(mean_m), sign(m64, mean_m), _log_magnitude(var_m),
+             _log_magnitude(mean_v), sign(v64, mean_v), _log_magnitude(var_v),
+             _log_magnitude(mean_p), sign(p64, mean_p), _log_magnitude(var_p),
              _log_magnitude(norm_p), _log_magnitude(norm_g),
              dims[N_SHAPE_DIMS], *dims[:N_SHAPE_DIMS], train_feat.double(), valid_feat.double()]
     if cfg.snr_stats:
