@@ -145,7 +145,7 @@ def _join(parts: List[Tensor]) -> Tensor:
 
 
 def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None,
-                      inplace: bool = False):
+                      inplace: bool = False, shard: Optional[Sharding] = None):
     dev, dt = params[0].device, params[0].dtype
     chunk = chunk_size or default_chunk(dev)
     D = cfg.n_decays
@@ -238,31 +238,87 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     if pack is not None:
         pack = (pack[0], pack[1], _join(pack_m), _join(pack_v))
 
+    if not rows:  # this rank holds no element of any tensor (a sharded run)
+        rows, sqs = [torch.zeros(0, 9, dtype=f64, device=dev)], [torch.zeros(0, cfg.n_element_cols, dtype=dt, device=dev)]
+        ids = [torch.zeros(0, dtype=torch.long, device=dev)]
     idx = torch.cat(ids)
-    raw = combine_rows(torch.cat(rows), idx, n64, D)
+    R = torch.cat(rows)
     sq = torch.zeros(T, cfg.n_element_cols, dtype=dt, device=dev).index_add(0, idx, torch.cat(sqs))
+    if shard is not None:  # the whole tensors' statistics from every rank's pieces
+        R, idx, sq = _gather_shards(R, idx, sq, T, D, shard)
+        sq = sq.to(dt)
+        n64 = torch.tensor([s.numel() for s in shard.full_shapes], dtype=f64, device=dev)
+        n = n64.to(dt)
+    raw = combine_rows(R, idx, n64, D)
     scale = column_scale(sq / n.unsqueeze(-1), cfg)
     work = _Work(P, G, M, V, pack, amount, [x.shape for x in params], n, plan, scale, inplace,
                  (list(params), list(mom), list(rms)), frozenset(native_t))
     return work, raw
 
 
-def combine_rows(R: Tensor, idx: Tensor, n64: Tensor, D: int) -> Tensor:
-    """The (T, 8) raw statistics from float64 rows of blocks of elements, row j belonging to
-    tensor ``idx[j]`` of ``n64[idx[j]]`` elements. A row is (elements, sum m, sum v, sum p,
-    sums of squares of m, v, p centred on the block's own means, sum p^2, sum g^2). Sums add;
-    centred moments add plus each block's n (mean_block - mean)^2."""
-    T = n64.shape[0]
+def merge_rows(R: Tensor, idx: Tensor, T: int, D: int) -> Tensor:
+    """Float64 rows of blocks of elements, row j belonging to tensor ``idx[j]``, merged into one
+    row per tensor of the same form. A row is (elements, sum m, sum v, sum p, sums of squares of
+    m, v, p centred on the row's own means, sum p^2, sum g^2). Sums add; centred moments add
+    plus each block's n (mean_block - mean)^2. Rows of no elements add nothing."""
     tot = torch.zeros(T, R.shape[1], dtype=R.dtype, device=R.device).index_add(0, idx, R)
-    mean_m, mean_v, mean_p = tot[:, 1] / (n64 * D), tot[:, 2] / (n64 * D), tot[:, 3] / n64
+    n = tot[:, 0].clamp_min(1)
+    mean_m, mean_v, mean_p = tot[:, 1] / (n * D), tot[:, 2] / (n * D), tot[:, 3] / n
     kc = R[:, 0].clamp_min(1)
     shift = torch.stack([
         D * kc * (R[:, 1] / (kc * D) - mean_m[idx]) ** 2,
         D * kc * (R[:, 2] / (kc * D) - mean_v[idx]) ** 2,
-        kc * (R[:, 3] / kc - mean_p[idx]) ** 2], dim=-1)
+        kc * (R[:, 3] / kc - mean_p[idx]) ** 2], dim=-1) * (R[:, :1] > 0)
     cent = tot[:, 4:7] + torch.zeros(T, 3, dtype=R.dtype, device=R.device).index_add(0, idx, shift)
-    return torch.stack([mean_m, cent[:, 0] / (n64 * D), mean_v, cent[:, 1] / (n64 * D),
-                        mean_p, cent[:, 2] / n64, tot[:, 7], tot[:, 8]], dim=-1)
+    return torch.cat([tot[:, :4], cent, tot[:, 7:]], dim=-1)
+
+
+def combine_rows(R: Tensor, idx: Tensor, n64: Tensor, D: int) -> Tensor:
+    """The (T, 8) raw statistics (mean and variance of m, of v, of p, then the sums of squares
+    of p and of g) from rows of blocks (:func:`merge_rows`) of tensors of ``n64`` elements."""
+    tot = merge_rows(R, idx, n64.shape[0], D)
+    return torch.stack([tot[:, 1] / (n64 * D), tot[:, 4] / (n64 * D), tot[:, 2] / (n64 * D), tot[:, 5] / (n64 * D),
+                        tot[:, 3] / n64, tot[:, 6] / n64, tot[:, 7], tot[:, 8]], dim=-1)
+
+
+class Sharding(NamedTuple):
+    """Parameters sharded over the ranks of ``group`` (FSDP2, tensor parallel): each rank holds
+    a piece of every tensor marked in ``sharded`` (the others are whole on every rank), and the
+    per-tensor statistics are reduced over the group from the pieces."""
+    group: object  # a torch.distributed ProcessGroup
+    full_shapes: Tuple[torch.Size, ...]
+    sharded: Tuple[bool, ...]
+
+    def mine(self, dt, dev) -> Tensor:
+        """(T, 1): 1 for the tensors whose contribution from this rank counts (its piece of a
+        sharded tensor; a whole tensor counts on rank 0 only)."""
+        import torch.distributed as dist
+
+        rank0 = dist.get_rank(self.group) == 0
+        return torch.tensor([[1.0 if s or rank0 else 0.0] for s in self.sharded], dtype=dt, device=dev)
+
+    def sum(self, x: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        dist.all_reduce(x, group=self.group)
+        return x
+
+
+def _gather_shards(R, idx, sq, T: int, D: int, shard: Sharding):
+    """One collective for all tensors: every rank's merged rows and column square sums, from
+    which every rank computes the statistics of the whole tensors."""
+    import torch.distributed as dist
+
+    mine = shard.mine(R.dtype, R.device)
+    local = torch.cat([merge_rows(R, idx, T, D), sq.to(R.dtype)], dim=-1) * mine
+    world = dist.get_world_size(shard.group)
+    out = torch.empty(world * T, local.shape[1], dtype=local.dtype, device=local.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # (the new name, torch >= 2.12)
+    gather(out, local.contiguous(), group=shard.group)
+    rows = out[:, :9]
+    idx = torch.arange(T, device=R.device).repeat(world)
+    return rows, idx, out[:, 9:].reshape(world, T, -1).sum(0)
 
 
 def _native_ok(P, G, M, V, large, in_place: bool) -> set:
@@ -277,7 +333,8 @@ def _native_ok(P, G, M, V, large, in_place: bool) -> set:
     return ok
 
 
-def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_size=None):
+def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_size=None,
+               shard: Optional[Sharding] = None):
     plan = work.plan
     P, G, M, V = work.p, work.g, work.m, work.v
     dt, dev = consts.dtype, consts.device
@@ -372,10 +429,16 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
         else:
             apply(t, seg, p, step)
     if cfg.unit_rms_update:
+        if shard is not None:  # the RMS over the whole tensors
+            mine = shard.mine(d_sq.dtype, dev)[:, 0]
+            d_sq, d_n = shard.sum(torch.stack([d_sq * mine, d_n * mine])).unbind(0)
         factor = unit_rms_factor(d_sq, d_n).to(dt)
         for t, seg, p, step in deferred:
             apply(t, seg, p, step * (factor[t] if seg is None else factor.index_select(0, seg)))
-    hsum = _reduce(hsums, ids, T, consts)
+    hsum = (_reduce(hsums, ids, T, consts) if hsums  # (none where this rank holds no element at all)
+            else torch.zeros(T, w[f"mlp_b{L - 1}"].shape[-1], dtype=dt, device=dev))
+    if shard is not None:  # the messages are means over the whole tensors
+        hsum = shard.sum(hsum * shard.mine(dt, dev))
     messages = (hsum / work.numels.unsqueeze(-1)) @ wl[:, 2:] + bl[2:]
 
     shapes = work.shapes

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import batched, fast, reference
+from .fast import Sharding  # noqa: F401
 from .config import ArchConfig
 from .features import (_as_scalar, clip_amount, gradient_factor, lstm_cell, lstm_statistics,  # noqa: F401
                        observe_validation_loss, tensor_constants, train_loss_statistics, update_clipper,
@@ -79,7 +80,8 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
               lr: Union[Number, Sequence[Number]] = 1e-3,
               weight_decay: Union[Number, Sequence[Number]] = 0.0,
               maximize: bool = False, cfg: Optional[ArchConfig] = None,
-              impl: str = "fast", chunk_size: Optional[int] = None, inplace: bool = False):
+              impl: str = "fast", chunk_size: Optional[int] = None, inplace: bool = False,
+              shard: Optional[fast.Sharding] = None):
     """One learned-optimizer step. Returns ``(new_params, new_state)``.
 
     ``params``/``grads``/``state.tensors`` are aligned lists of real tensors; ``lr`` and
@@ -90,22 +92,36 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     returned tensors are then those same objects where that was possible. Never use it under
     ``vmap`` or when the inputs must survive. ``weights`` is a name -> tensor dict with its
     ``cfg`` (default ``ArchConfig()``), or a ``MetaNetwork``, which brings its own config.
+
+    ``shard`` (:class:`learned_opt.fast.Sharding`): ``params``, ``grads`` and the accumulators
+    are this rank's pieces of tensors sharded over a process group (what
+    :class:`~learned_opt.LearnedOptimizer` passes for DTensor parameters); every per-tensor
+    statistic is then reduced over the group, so each element's update equals a one-process
+    step on the whole tensors. Fast path only.
     """
     weights, cfg, lrs, wds = _checked(weights, cfg, impl, params, grads, state, lr, weight_decay)
     n = len(params)
     if isinstance(loss, Tensor) and loss.numel() != 1:
         raise ValueError(f"a loss must be a scalar, got shape {tuple(loss.shape)}")
     if impl == "reference":
+        if shard is not None:
+            raise ValueError("sharded parameters run on the fast path only (impl='fast')")
         return reference.step(weights, params, grads, state, loss=loss, lrs=lrs, wds=wds, maximize=maximize, cfg=cfg)
-    active = [i for i in range(n) if params[i].numel() > 0]
+    if shard is not None and (len(shard.full_shapes) != n or len(shard.sharded) != n):
+        raise ValueError(f"the sharding describes {len(shard.full_shapes)} tensors, got {n}")
+    sizes = [p.numel() for p in params] if shard is None else [s.numel() for s in shard.full_shapes]
+    active = [i for i in range(n) if sizes[i] > 0]
     if not active:
         return list(params), state
+    if shard is not None:
+        shard = fast.Sharding(shard.group, tuple(shard.full_shapes[i] for i in active),
+                              tuple(shard.sharded[i] for i in active))
     loss = None if loss is None else _as_scalar(loss, state.glob.step.device)
-    passes = (functools.partial(fast.tensor_statistics, chunk_size=chunk_size, inplace=inplace),
-              functools.partial(fast.mlp_update, chunk_size=chunk_size))
+    passes = (functools.partial(fast.tensor_statistics, chunk_size=chunk_size, inplace=inplace, shard=shard),
+              functools.partial(fast.mlp_update, chunk_size=chunk_size, shard=shard))
     new_p, glob, tensors = _orchestrate(passes, weights, [params[i] for i in active], [grads[i] for i in active],
                                         [state.tensors[i] for i in active], state.glob, loss,
-                                        [lrs[i] for i in active], [wds[i] for i in active], maximize, cfg)
+                                        [lrs[i] for i in active], [wds[i] for i in active], maximize, cfg, shard)
     out_params, out_tensors = list(params), list(state.tensors)
     for j, i in enumerate(active):
         out_params[i] = new_p[j].to(params[i].dtype)
@@ -165,7 +181,7 @@ def _stack(trees):
 
 
 def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: Optional[Tensor],
-                 lrs, wds, maximize: bool, cfg: ArchConfig):
+                 lrs, wds, maximize: bool, cfg: ArchConfig, shard: Optional[fast.Sharding] = None):
     """The step of the fast paths, for one optimizer (``glob.step`` of shape ``()``) or a
     population (global fields ``(M,)``, every tensor with the member dimension first): loss
     features, the gradients' scale, the two passes over the elements (``passes``: statistics,
@@ -179,7 +195,7 @@ def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: 
     G = [(-x if maximize else x).to(dt) for x in G]
     Mo = [s.mom.to(dt) for s in tensor_states]
     V = [s.rms.to(dt) for s in tensor_states]
-    shapes = [x.shape[k:] for x in P]
+    shapes = [x.shape[k:] for x in P] if shard is None else list(shard.full_shapes)
     numels = [s.numel() for s in shapes]
     T = len(P)
 
@@ -189,7 +205,15 @@ def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: 
         train_feat = torch.zeros(lead, dtype=f64, device=step0.device)
     else:
         glob, train_feat = train_loss_statistics(glob, loss, cfg)
-    if cfg.scale_free:
+    if cfg.scale_free and shard is not None:
+        if bool((glob.grad_ref == 0).any()):  # the same on every rank: the state is replicated
+            sums = torch.stack([x.to(f64).pow(2).sum() for x in G]) * shard.mine(f64, step0.device)[:, 0]
+            mean_sq = (shard.sum(sums) / torch.tensor(numels, dtype=f64, device=sums.device)).mean()
+        else:
+            mean_sq = torch.zeros((), dtype=f64, device=step0.device)  # unused once grad_ref is set
+        glob, factor = gradient_factor(glob, mean_sq, cfg)
+        G = [x * factor.to(dt) for x in G]
+    elif cfg.scale_free:
         mean_sq = torch.stack([x.reshape(tuple(lead) + (-1,)).to(f64).pow(2).mean(-1) for x in G]).mean(0)
         glob, factor = gradient_factor(glob, mean_sq, cfg)
         G = [x * factor.to(dt).reshape(tuple(lead) + (1,) * (x.dim() - k)) for x in G]

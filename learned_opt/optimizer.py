@@ -90,6 +90,36 @@ def _is_dtensor(x) -> bool:
     return isinstance(x, DTensor)
 
 
+def _local_piece(p, g):
+    """A DTensor parameter's local piece, its gradient's, and (full shape, whether sharded,
+    process group). Refuses layouts whose statistics this step cannot reduce."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = p.device_mesh
+    if mesh.ndim != 1:
+        raise NotImplementedError(f"LearnedOptimizer takes DTensor parameters on a 1-D device mesh (FSDP2's "
+                                  f"fully_shard on one mesh dimension), got a {mesh.ndim}-D mesh")
+    for pl in p.placements:
+        if not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim >= 0)):
+            raise NotImplementedError(f"LearnedOptimizer takes Shard(dim) or Replicate placements, got {pl}")
+    if p.is_complex():
+        raise NotImplementedError("LearnedOptimizer does not take complex DTensor parameters")
+    if not isinstance(g, DTensor) or g.placements != p.placements:
+        raise RuntimeError("the gradient of a DTensor parameter must be a DTensor with the parameter's placements")
+    sharded = any(isinstance(pl, Shard) for pl in p.placements)
+    return p.to_local(), g.to_local(), (p.shape, sharded, mesh.get_group())
+
+
+def _sharded_like(p, local: Tensor) -> Tensor:
+    """``local`` (this rank's piece of a per-element state of shape (*p.shape, D)) as a DTensor
+    laid out like the parameter ``p``, so that distributed checkpoints save it sharded."""
+    from torch.distributed.tensor import DTensor
+
+    shape = torch.Size((*p.shape, local.shape[-1]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+
+
 def _all_finite(tensors) -> bool:
     """Whether every element of every tensor is finite. The fused per-tensor 2-norms are fast
     but overflow to inf on finite values beyond ~1e19, so a non-finite answer is confirmed
@@ -362,25 +392,25 @@ class LearnedOptimizer(Optimizer):
         else:
             loss_value = None
 
-        params, grads, owners, lrs, wds = [], [], [], [], []
+        params, grads, owners, lrs, wds, layout = [], [], [], [], [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if _is_dtensor(p):
-                    raise NotImplementedError(
-                        "LearnedOptimizer does not support sharded (DTensor) parameters yet, as made by FSDP2's "
-                        "fully_shard or tensor parallelism: its per-tensor statistics need the whole tensor. "
-                        "Use DDP, or FSDP1 with use_orig_params=False")
                 g = p.grad
                 if g.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
                 if not p.is_floating_point() and not p.is_complex():
                     raise RuntimeError(f"cannot optimise a parameter of dtype {p.dtype}")
-                if p.is_complex():
+                if _is_dtensor(p):  # FSDP2 / tensor parallel: this rank's piece
+                    pr, g, where = _local_piece(p, g)
+                    layout.append(where)
+                elif p.is_complex():
                     pr, g = torch.view_as_real(p), torch.view_as_real(g)
+                    layout.append((pr.shape, False, None))
                 else:
                     pr = p
+                    layout.append((p.shape, False, None))
                 params.append(pr)
                 grads.append(-g if group["maximize"] else g)
                 owners.append(p)
@@ -392,8 +422,12 @@ class LearnedOptimizer(Optimizer):
         if len(devices) > 1:
             raise RuntimeError(f"LearnedOptimizer needs all parameters on one device, got {devices}")
 
+        shard = _sharding_of(layout)
         nonempty = [g for g in grads if g.numel()]
         finite = _all_finite(nonempty)
+        if shard is not None:  # every rank skips, or none: each sees only its pieces
+            flag = torch.tensor([1.0 if finite else 0.0], device=params[0].device)
+            finite = bool(shard.sum(flag).item() == torch.distributed.get_world_size(shard.group))
         glob_st = self._global_state()
         if not finite:
             glob_st["nonfinite_skips"] += 1
@@ -409,20 +443,40 @@ class LearnedOptimizer(Optimizer):
                 fresh = F.init_tensor_state(weights, self.meta_config, pr)
                 for key in _TENSOR_KEYS:
                     st[key] = getattr(fresh, key)
-            tstates.append(F.TensorState(*(st[key] for key in _TENSOR_KEYS)))
+                if _is_dtensor(p):  # the accumulators sharded like the parameter
+                    st["mom"], st["rms"] = _sharded_like(p, st["mom"]), _sharded_like(p, st["rms"])
+            tstates.append(F.TensorState(*(st[key].to_local() if _is_dtensor(st[key]) else st[key]
+                                           for key in _TENSOR_KEYS)))
         state = F.LOptState(self._to_global(glob_st), tstates)
         new_params, new_state = F.lopt_step(
             weights, params, grads, state, loss=loss_value, lr=lrs, weight_decay=wds,
-            cfg=self.meta_config, impl=self.impl, chunk_size=self.chunk_size, inplace=True)
+            cfg=self.meta_config, impl=self.impl, chunk_size=self.chunk_size, inplace=True, shard=shard)
         for p, pr, new, ts in zip(owners, params, new_params, new_state.tensors):
             if new is not pr:
                 pr.copy_(new)
             st = self.state[p]
             for key in _TENSOR_KEYS:
                 val = getattr(ts, key)
-                st[key] = val if val.dtype == st[key].dtype else val.to(st[key].dtype)
+                if _is_dtensor(st[key]):  # written into the DTensor's own piece
+                    local = st[key].to_local()
+                    if val is not local:
+                        local.copy_(val)
+                else:
+                    st[key] = val if val.dtype == st[key].dtype else val.to(st[key].dtype)
         self._from_global(new_state.glob, glob_st)
         return loss
+
+
+def _sharding_of(layout) -> Optional[F.Sharding]:
+    """The sharding of a step's tensors (``(full shape, sharded, group)`` each), or None where no
+    parameter is a DTensor. All DTensor parameters must share one process group."""
+    groups = {id(g): g for _, _, g in layout if g is not None}
+    if not groups:
+        return None
+    if len(groups) > 1:
+        raise NotImplementedError("LearnedOptimizer takes DTensor parameters of one device mesh only")
+    return F.Sharding(next(iter(groups.values())), tuple(torch.Size(s) for s, _, _ in layout),
+                      tuple(sh for _, sh, _ in layout))
 
 
 def observe_loss(optimizer, loss: Union[float, Tensor]) -> None:

@@ -68,31 +68,3 @@ def test_without_the_average_the_replicas_drift(tmp_path):
 def test_loss_group_is_checked():
     with pytest.raises(ValueError, match="loss_group"):
         LearnedOptimizer([nn.Parameter(torch.zeros(2))], loss_group="world")
-
-
-def _dtensor_worker(rank, world, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        model = nn.Linear(8, 4)
-        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-        opt = LearnedOptimizer(model.parameters())
-        model(torch.randn(2, 8)).sum().backward()
-        try:
-            opt.step()
-            msg = "no error"
-        except NotImplementedError as e:
-            msg = str(e)
-        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
-            f.write(msg)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_sharded_parameters_are_refused_with_a_clear_message(tmp_path):
-    pytest.importorskip("torch.distributed.fsdp")
-    mp.spawn(_dtensor_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        assert "DTensor" in (tmp_path / f"rank{r}.txt").read_text()
