@@ -33,15 +33,61 @@ def antithetic_estimate(directions: Tensor, loss_pos: Tensor, loss_neg: Tensor, 
     return est, var, n
 
 
-class PESAccumulator:
-    """The running sum of each pair's directions since its last reset."""
+class TruncatedES:
+    """Antithetic truncated ES: each truncation's estimate uses only its own directions. One
+    inner state per pair suffices (both members restart each truncation from it)."""
+
+    name = "tes"
+    per_member = False
 
     def __init__(self, pairs: int, dim: int):
+        self.pairs, self.dim = pairs, dim
+
+    def estimate(self, z: Tensor, loss_pos: Tensor, loss_neg: Tensor, sigma: float,
+                 mask: Optional[Tensor] = None) -> Tuple[Tensor, float, int]:
+        """``z`` (pairs, dim): this truncation's directions. See :func:`antithetic_estimate`."""
+        return antithetic_estimate(z, loss_pos, loss_neg, sigma, mask)
+
+    def reset(self, pairs) -> None:
+        """The pairs ``pairs`` (a slice or indices) start a new inner problem."""
+
+    def state_dict(self) -> Optional[Tensor]:
+        return None
+
+    def load_state_dict(self, saved: Optional[Tensor]) -> None:
+        pass
+
+
+class PES(TruncatedES):
+    """Persistent ES (Vicol et al. 2021): each pair's estimate uses the sum of all its
+    directions since its inner problem was reset, which removes the truncation bias. Each
+    member keeps its own inner state."""
+
+    name = "pes"
+    per_member = True
+
+    def __init__(self, pairs: int, dim: int):
+        super().__init__(pairs, dim)
         self.total = torch.zeros(pairs, dim)
 
-    def add(self, z: Tensor) -> Tensor:
+    def estimate(self, z, loss_pos, loss_neg, sigma, mask=None):
         self.total += z
-        return self.total
+        return antithetic_estimate(self.total, loss_pos, loss_neg, sigma, mask)
 
     def reset(self, pairs) -> None:
         self.total[pairs] = 0.0
+
+    def state_dict(self) -> Optional[Tensor]:
+        return self.total
+
+    def load_state_dict(self, saved: Optional[Tensor]) -> None:
+        self.total = saved
+
+
+ESTIMATORS = {cls.name: cls for cls in (TruncatedES, PES)}
+
+
+def make_estimator(name: str, pairs: int, dim: int) -> TruncatedES:
+    if name not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {name!r}")
+    return ESTIMATORS[name](pairs, dim)

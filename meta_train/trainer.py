@@ -31,7 +31,7 @@ from torch import Tensor
 from learned_opt import ArchConfig, MetaNetwork, load_weights, save_weights
 from learned_opt.atomic import atomic_torch_save
 
-from .estimators import PESAccumulator, antithetic_estimate
+from .estimators import ESTIMATORS, make_estimator
 from .outer import OuterOptimizer
 from .population import Group, UnrollSettings
 from .tasks import get_family
@@ -89,8 +89,8 @@ class MetaTrainConfig:
         for name in ("loss_prob", "valid_prob"):
             if not 0.0 <= getattr(self.unroll, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self.unroll, name)}")
-        if self.estimator not in ("tes", "pes"):
-            raise ValueError(f"estimator must be 'tes' or 'pes', got {self.estimator!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {sorted(ESTIMATORS)}, got {self.estimator!r}")
         if self.groups < 1 or self.pairs < self.groups or self.pairs % self.groups:
             raise ValueError(f"pairs ({self.pairs}) must be a positive multiple of groups ({self.groups})")
         if not self.sigma > 0:
@@ -197,7 +197,7 @@ class MetaTrainer:
         self.pairs_per_group = per_group
         self.my_groups = [g for g in range(config.groups) if g % world == rank]
         self.groups: Dict[int, Group] = {}
-        self.pes = PESAccumulator(config.pairs, self.n_theta) if config.estimator == "pes" else None
+        self.estimator = make_estimator(config.estimator, config.pairs, self.n_theta)
         self.step = 0
         self.ema: Optional[Dict[str, Tensor]] = None  # the moving average of theta (config.ema > 0)
         self.ema_since = 0  # the outer step the average started from
@@ -229,7 +229,7 @@ class MetaTrainer:
 
     def _new_group(self, g: int) -> Group:
         return Group(self.family, self.c.unroll, self.lopt_cfg, self.c.seed, g,
-                     self.pairs_per_group, per_member=self.c.estimator == "pes")
+                     self.pairs_per_group, per_member=self.estimator.per_member)
 
     # ---------------------------------------------------------------- vectors
     def _flat(self, d: Dict[str, Tensor]) -> Tensor:
@@ -285,9 +285,7 @@ class MetaTrainer:
             nonfinite_members, inner_steps = packed[-2], packed[-1]
 
         # the estimate (identical on every worker)
-        dirs = self.pes.add(z) if self.pes is not None else z
-        grad_vec, est_var, n_ok = antithetic_estimate(dirs, losses[:, 0], losses[:, 1], c.sigma,
-                                                      finite > 0)
+        grad_vec, est_var, n_ok = self.estimator.estimate(z, losses[:, 0], losses[:, 1], c.sigma, finite > 0)
         meta_loss = float(losses[finite > 0].mean()) if n_ok else float("nan")
         if n_ok:
             self.outer.step(self.theta, self._unflat(grad_vec.to(torch.float32)), meta_loss)
@@ -298,8 +296,7 @@ class MetaTrainer:
             if resets[g] > 0:
                 if g in self.groups:
                     self.groups[g].reset()
-                if self.pes is not None:
-                    self.pes.reset(slice(g * P, (g + 1) * P))
+                self.estimator.reset(slice(g * P, (g + 1) * P))
         self.step += 1
         dt = time.perf_counter() - t0
         rec = {"step": self.step, "meta_loss": meta_loss, "grad_norm": float(grad_vec.norm()),
@@ -395,7 +392,7 @@ class MetaTrainer:
             "version": CHECKPOINT_VERSION, "config": self.c.to_json(), "step": self.step,
             "rank": self.rank, "world": self.world, "theta": {k: v.clone() for k, v in self.theta.items()},
             "outer": self.outer.state_dict(),
-            "pes_accum": self.pes.total if self.pes is not None else None,
+            "pes_accum": self.estimator.state_dict(),  # (the key predates the estimator objects)
             "groups": {g: grp.state_dict() for g, grp in self.groups.items()},
             "ema": {k: v.clone() for k, v in self.ema.items()} if self.ema is not None else None,
             "ema_since": self.ema_since,
@@ -429,8 +426,7 @@ class MetaTrainer:
             for k in self.names:
                 self.theta[k].copy_(obj["theta"][k])
         self.outer.load_state_dict(obj["outer"])
-        if self.pes is not None:
-            self.pes.total = obj["pes_accum"]
+        self.estimator.load_state_dict(obj["pes_accum"])
         for g in self.my_groups:
             grp = self._new_group(g)
             grp.load_state_dict(obj["groups"][g])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from learned_opt import ArchConfig, MetaNetwork
-from meta_train.estimators import PESAccumulator, antithetic_estimate
+from meta_train.estimators import PES, TruncatedES, antithetic_estimate, make_estimator
 from meta_train.population import Group, UnrollSettings
 from meta_train.tasks import get_family
 
@@ -45,7 +45,8 @@ def test_pes_is_unbiased_for_the_whole_unroll_where_truncated_es_is_not():
         total = total + ((s - c) ** 2).sum()
     true = torch.autograd.grad(total, th)[0]
 
-    pes = PESAccumulator(n, d)
+    pes, tes = make_estimator("pes", n, d), make_estimator("tes", n, d)
+    assert isinstance(pes, PES) and pes.per_member and isinstance(tes, TruncatedES) and not tes.per_member
     s_pos = torch.zeros(n, d, dtype=torch.float64)
     s_neg = torch.zeros(n, d, dtype=torch.float64)
     est_pes = torch.zeros(d, dtype=torch.float64)
@@ -57,10 +58,10 @@ def test_pes_is_unbiased_for_the_whole_unroll_where_truncated_es_is_not():
         s_pos = a * s_pos + (theta + sigma * z)
         s_neg = a * s_neg + (theta - sigma * z)
         lp, ln = ((s_pos - c) ** 2).sum(-1), ((s_neg - c) ** 2).sum(-1)
-        est_pes += antithetic_estimate(pes.add(z.float()).double(), lp, ln, sigma)[0]
+        est_pes += pes.estimate(z.float(), lp, ln, sigma)[0]
         # truncated ES: both members start from the shared state, the + state is kept
         tp, tn = a * s_shared + (theta + sigma * z), a * s_shared + (theta - sigma * z)
-        est_tes += antithetic_estimate(z, ((tp - c) ** 2).sum(-1), ((tn - c) ** 2).sum(-1), sigma)[0]
+        est_tes += tes.estimate(z, ((tp - c) ** 2).sum(-1), ((tn - c) ** 2).sum(-1), sigma)[0]
         s_shared = tp
     assert _cos(est_pes, true) > 0.9
     assert torch.allclose(est_pes, true, rtol=0.15, atol=0.15 * float(true.abs().max()))
@@ -125,3 +126,12 @@ def test_late_weight_weighs_each_step_of_a_truncation():
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="late_weight"):
             MetaTrainConfig(unroll=UnrollSettings(late_weight=bad)).validate()
+
+
+def test_unknown_estimators_are_refused_and_pes_resets_per_pair():
+    with pytest.raises(ValueError, match="estimator"):
+        make_estimator("es", 2, 3)
+    pes = make_estimator("pes", 3, 2)
+    pes.estimate(torch.ones(3, 2), torch.ones(3), torch.zeros(3), 1.0)
+    pes.reset(slice(1, 2))
+    assert pes.state_dict().tolist() == [[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]]
