@@ -145,7 +145,7 @@ def _join(parts: List[Tensor]) -> Tensor:
 
 
 def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None,
-                      inplace: bool = False, shard: Optional[Sharding] = None):
+                      inplace: bool = False, shard: Optional[Sharding] = None, use_native: bool = True):
     dev, dt = params[0].device, params[0].dtype
     chunk = chunk_size or default_chunk(dev)
     D = cfg.n_decays
@@ -177,7 +177,7 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     rows, sqs, ids = [], [], []
     # the compiled kernel takes whole large tensors where it can; its rows are per block of
     # elements, combined below exactly like the chunks' rows
-    native_t = set() if cfg.unit_rms_update else _native_ok(P, G, M, V, large, in_place)
+    native_t = set() if cfg.unit_rms_update else _native_ok(P, G, M, V, large, in_place, use_native)
     if native_t:
         kernel, amt = native.get(wait=False), float(amount)
         for t in sorted(native_t):
@@ -321,10 +321,11 @@ def _gather_shards(R, idx, sq, T: int, D: int, shard: Sharding):
     return rows, idx, out[:, 9:].reshape(world, T, -1).sum(0)
 
 
-def _native_ok(P, G, M, V, large, in_place: bool) -> set:
-    """The large tensors the compiled kernel can take: only in the in-place path (never under
-    ``vmap`` or autograd), float32 contiguous CPU tensors, and only where the kernel built."""
-    if not (in_place and large and native.enabled()) or torch.is_grad_enabled():
+def _native_ok(P, G, M, V, large, in_place: bool, allowed: bool) -> set:
+    """The large tensors the compiled kernel can take: where ``allowed``, only in the in-place
+    path (never under ``vmap`` or autograd), float32 contiguous CPU tensors, and only where the
+    kernel built."""
+    if not (allowed and in_place and large) or torch.is_grad_enabled():
         return set()
     ok = {t for t in large if P[t].dtype == torch.float32 and P[t].device.type == "cpu"
           and all(x.dtype == torch.float32 and x.is_contiguous() for x in (P[t], G[t], M[t], V[t]))}

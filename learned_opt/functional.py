@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import batched, fast, reference
+from . import batched, fast, native, reference
 from .fast import Sharding  # noqa: F401
 from .config import ArchConfig
 from .features import (_as_scalar, clip_amount, gradient_factor, lstm_cell, lstm_statistics,  # noqa: F401
@@ -64,6 +64,12 @@ def _checked(weights, cfg, impl, params, grads, state, lr, weight_decay):
     return weights, cfg, _per_tensor(lr, n, "lr"), _per_tensor(weight_decay, n, "weight_decay")
 
 
+def _native_allowed(native_arg: Optional[bool]) -> bool:
+    """The one place that decides whether the compiled kernel may be used: the argument, or by
+    default the ``LEARNED_OPT_NATIVE`` environment variable."""
+    return native.enabled() if native_arg is None else bool(native_arg)
+
+
 def _per_tensor(value, n: int, name: str) -> List:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -81,7 +87,7 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
               weight_decay: Union[Number, Sequence[Number]] = 0.0,
               maximize: bool = False, cfg: Optional[ArchConfig] = None,
               impl: str = "fast", chunk_size: Optional[int] = None, inplace: bool = False,
-              shard: Optional[fast.Sharding] = None):
+              shard: Optional[fast.Sharding] = None, native: Optional[bool] = None):
     """One learned-optimizer step. Returns ``(new_params, new_state)``.
 
     ``params``/``grads``/``state.tensors`` are aligned lists of real tensors; ``lr`` and
@@ -92,6 +98,9 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     returned tensors are then those same objects where that was possible. Never use it under
     ``vmap`` or when the inputs must survive. ``weights`` is a name -> tensor dict with its
     ``cfg`` (default ``ArchConfig()``), or a ``MetaNetwork``, which brings its own config.
+    ``native`` says whether the fast path may use the compiled CPU kernel where it can run
+    (float32 on the CPU, in place, outside autograd); ``None`` (default) leaves it to the
+    ``LEARNED_OPT_NATIVE`` environment variable (on unless it is 0/off/false/no).
 
     ``shard`` (:class:`learned_opt.fast.Sharding`): ``params``, ``grads`` and the accumulators
     are this rank's pieces of tensors sharded over a process group (what
@@ -117,7 +126,8 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
         shard = fast.Sharding(shard.group, tuple(shard.full_shapes[i] for i in active),
                               tuple(shard.sharded[i] for i in active))
     loss = None if loss is None else _as_scalar(loss, state.glob.step.device)
-    passes = (functools.partial(fast.tensor_statistics, chunk_size=chunk_size, inplace=inplace, shard=shard),
+    passes = (functools.partial(fast.tensor_statistics, chunk_size=chunk_size, inplace=inplace, shard=shard,
+                                use_native=_native_allowed(native)),
               functools.partial(fast.mlp_update, chunk_size=chunk_size, shard=shard))
     new_p, glob, tensors = _orchestrate(passes, weights, [params[i] for i in active], [grads[i] for i in active],
                                         [state.tensors[i] for i in active], state.glob, loss,
@@ -134,7 +144,7 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
                     lr: Union[Number, Sequence[Number]] = 1e-3,
                     weight_decay: Union[Number, Sequence[Number]] = 0.0,
                     maximize: bool = False, cfg: Optional[ArchConfig] = None,
-                    impl: str = "fast", use_native: bool = True,
+                    impl: str = "fast", native: Optional[bool] = None,
                     chunk_rows: int = batched.DEFAULT_CHUNK_ROWS):
     """:func:`lopt_step` for ``M`` members at once, each with its own meta-weights; returns
     ``(new_params, new_state)`` with the member dimension first. Equal to ``vmap(lopt_step)``
@@ -146,8 +156,7 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
     ``(M, *shape_t, D)``, ...), as ``torch.stack`` of the members' trees gives; ``loss``
     ``None`` or the members' training losses ``(M,)``. ``lr`` and ``weight_decay`` are numbers
     or one number per tensor, shared by the members. ``impl="reference"`` runs
-    :mod:`.reference` member by member; ``use_native=False`` keeps the fast path off the
-    compiled kernel."""
+    :mod:`.reference` member by member; ``native`` as in :func:`lopt_step`."""
     weights, cfg, lrs, wds = _checked(weights, cfg, impl, params, grads, state, lr, weight_decay)
     if not params:
         return [], state
@@ -163,7 +172,7 @@ def population_step(weights: Dict[str, Tensor], params: Sequence[Tensor], grads:
                               _member(state, i), loss=None if loss is None else loss[i], lrs=lrs, wds=wds,
                               maximize=maximize, cfg=cfg) for i in range(Mb)]
         return _stack([o[0] for o in out]), _stack([o[1] for o in out])
-    passes = (functools.partial(batched.tensor_statistics, use_native=use_native),
+    passes = (functools.partial(batched.tensor_statistics, use_native=_native_allowed(native)),
               functools.partial(batched.mlp_update, chunk_rows=chunk_rows))
     new_p, glob, tensors = _orchestrate(passes, weights, params, grads, state.tensors, state.glob, loss,
                                         lrs, wds, maximize, cfg)

@@ -56,7 +56,7 @@ def test_population_step_equals_vmap_of_lopt_step(dtype, tol, use_native, pass_l
         G, losses = _grads(step, dtype)
         with torch.no_grad():
             P, S = population_step(W, P, G, S, loss=losses if pass_loss else None, lr=1e-2, cfg=CFG,
-                                   use_native=use_native)
+                                   native=use_native)
         Pv, Sv = f(W, Pv, G, Sv, losses)
         assert _worst((P, S), (Pv, Sv)) < tol, step
         assert all(x.dtype == dtype for x in P)
@@ -88,7 +88,7 @@ def test_weight_decay_and_maximize_take_the_drop_in_steps_meaning(use_native):
     for step in range(3):
         G, losses = _grads(step, torch.float32)
         with torch.no_grad():
-            P, S = population_step(W, P, G, S, loss=losses, use_native=use_native, **kw)
+            P, S = population_step(W, P, G, S, loss=losses, native=use_native, **kw)
             R = population_step(W, *R[:1], G, R[1], loss=losses, impl="reference", **kw)
         for i in range(M):
             ps[i], ss[i] = lopt_step(ws[i], ps[i], [x[i] for x in G], ss[i], loss=losses[i], **kw)
@@ -103,7 +103,7 @@ def test_population_step_leaves_its_inputs_alone(use_native):
     before = tree_map(torch.clone, (W, P, S))
     G, losses = _grads(0, torch.float32)
     with torch.no_grad():
-        population_step(W, P, G, S, loss=losses, cfg=CFG, use_native=use_native)
+        population_step(W, P, G, S, loss=losses, cfg=CFG, native=use_native)
     assert _worst((W, P, S), before) == 0
 
 
@@ -126,11 +126,11 @@ def test_the_compiled_member_loop_is_used_and_matches_the_batched_matmuls():
     batched.native.get = lambda wait=True: Spy()
     try:
         with torch.no_grad():
-            fast = population_step(W, P, G, S, loss=losses, cfg=CFG, use_native=True)
+            fast = population_step(W, P, G, S, loss=losses, cfg=CFG, native=True)
     finally:
         batched.native.get = real
     with torch.no_grad():
-        plain = population_step(W, P, G, S, loss=losses, cfg=CFG, use_native=False)
+        plain = population_step(W, P, G, S, loss=losses, cfg=CFG, native=False)
     assert calls.count("mlp_pass_members") == len(SHAPES) and calls.count("stats_pass_members") == len(SHAPES)
     assert _worst(fast, plain) < 1e-5
 

@@ -115,7 +115,7 @@ def test_the_population_step_equals_the_reference(use_native, cfg):
         G = [torch.stack(x) for x in zip(*[_grads(t, scale=10.0 ** i) for i in range(M)])]
         loss = torch.tensor([1.0, 0.5, 2.0]) * (1 - 0.1 * t)
         with torch.no_grad():
-            P, S = population_step(W, P, G, S, loss=loss, lr=1e-3, cfg=BOTH, use_native=use_native)
+            P, S = population_step(W, P, G, S, loss=loss, lr=1e-3, cfg=BOTH, native=use_native)
             for i in range(M):
                 ps[i], ss[i] = lopt_step(ws[i], ps[i], [x[i] for x in G], ss[i], lr=1e-3, cfg=BOTH,
                                          loss=loss[i], impl="reference")

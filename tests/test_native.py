@@ -203,3 +203,29 @@ def test_extreme_parameters_and_step_sizes_match_the_torch_path(mag_bias, monkey
             assert err < 1e-5, err
     if abs(mag_bias) < 8e4:
         assert all(bool(torch.isfinite(a).all()) for a in pn[1:])
+
+
+def test_the_native_argument_overrides_the_environment(monkeypatch):
+    """One place decides: lopt_step's ``native`` argument, the environment variable only when it
+    is None."""
+    kernel = _kernel()
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(kernel, name)
+
+    monkeypatch.setattr(native, "get", lambda wait=True: Spy())
+    w = {k: v.detach() for k, v in load_weights()[0].weights().items()}
+    ps, targets, scales = _problem(2)
+    used = {}
+    for env, arg in (("0", True), ("auto", False), ("auto", None), ("0", None)):
+        monkeypatch.setenv("LEARNED_OPT_NATIVE", env)
+        calls.clear()
+        st = init_state(w, ps, load_weights()[0].config)
+        with torch.no_grad():
+            lopt_step(w, [p.clone() for p in ps], _grads(ps, targets, scales, 0), st, loss=1.0, inplace=True,
+                      chunk_size=1000, cfg=load_weights()[0].config, native=arg)
+        used[(env, arg)] = "stats_pass" in calls
+    assert used == {("0", True): True, ("auto", False): False, ("auto", None): True, ("0", None): False}

@@ -116,7 +116,7 @@ def test_the_population_step_uses_the_eps(use_native):
     W, P, S = stack(ws), stack(ps), stack(ss)
     for step in range(4):
         G = [1e-5 * torch.randn(M, *s, generator=gen, dtype=torch.float64) for s in SHAPES]
-        P, S = population_step(W, P, G, S, loss=None, lr=1e-3, cfg=cfg, use_native=use_native)
+        P, S = population_step(W, P, G, S, loss=None, lr=1e-3, cfg=cfg, native=use_native)
         for i in range(M):
             ps[i], ss[i] = lopt_step(ws[i], ps[i], [x[i] for x in G], ss[i], lr=1e-3, cfg=cfg,
                                      impl="reference")
