@@ -25,10 +25,9 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_map
 
 from learned_opt import ArchConfig
-from learned_opt.functional import population_step
-from learned_opt.features import observe_validation_loss
-from learned_opt.state import LOptState, init_state
+from learned_opt.functional import LOptState
 
+from .inner import AdamInner, LearnedInner
 from .tasks.base import Task, TaskFamily, _mix, generator
 
 
@@ -74,21 +73,6 @@ class UnrollSettings:
 def versus_adam_transform(log_loss: Tensor, log_adam: Tensor, k: float, margin: float) -> Tensor:
     """softplus(k (log L - log A + margin)) / k, elementwise (stable for large arguments)."""
     return torch.nn.functional.softplus(k * (log_loss - log_adam + margin)) / k
-
-
-def adam_update(params: Dict[str, Tensor], grads: Dict[str, Tensor], m: Dict[str, Tensor],
-                v: Dict[str, Tensor], t: int, lr: float, b1: float = 0.9, b2: float = 0.999,
-                eps: float = 1e-8):
-    """One step of plain Adam (bias-corrected, ``t`` counted from 1) on dicts of tensors, as
-    ``torch.optim.Adam`` with its defaults does it. Returns new (params, m, v)."""
-    new_p, new_m, new_v = {}, {}, {}
-    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-    for k, p in params.items():
-        g = grads[k]
-        new_m[k] = b1 * m[k] + (1 - b1) * g
-        new_v[k] = b2 * v[k] + (1 - b2) * g * g
-        new_p[k] = p - lr * (new_m[k] / c1) / ((new_v[k] / c2).sqrt() + eps)
-    return new_p, new_m, new_v
 
 
 def step_weight(s: UnrollSettings, t: int, horizon: int) -> float:
@@ -148,8 +132,7 @@ class Group:
         self.adam: Optional[Dict[str, Dict[str, Tensor]]] = None
         if self.s.versus_adam:
             first = stack(inits)
-            self.adam = {"params": first, "m": tree_map(torch.zeros_like, first),
-                         "v": tree_map(torch.zeros_like, first)}
+            self.adam = {"params": first, **AdamInner(self.s.adam_lr).init(first)}
         self.resets += 1
 
     @property
@@ -159,24 +142,23 @@ class Group:
     # --------------------------------------------------------------------- unroll
     def _functions(self):
         if self._fns is None:
-            task, names, cfg, lr = self.task, self.names, self.cfg, self.s.inner_lr
-
+            task, names = self.task, self.names
             grad_fn = vmap(grad_and_value(task.loss))
+            opt = LearnedInner(self.cfg, names, self.s.inner_lr)
 
             def inner(w, params, lstate, batch, pass_loss: bool):
                 grads, loss = grad_fn(params, batch)
-                with torch.no_grad():
-                    new_p, new_s = population_step(w, [params[k] for k in names], [grads[k] for k in names],
-                                                   lstate, loss=loss if pass_loss else None, lr=lr, cfg=cfg)
-                return dict(zip(names, new_p)), new_s, loss
+                new_p, new_s = opt.step(params, grads, lstate, w, loss=loss if pass_loss else None)
+                return new_p, new_s, loss
 
             self._fns = {
                 True: lambda w, p, s, b: inner(w, p, s, b, True),
                 False: lambda w, p, s, b: inner(w, p, s, b, False),
                 "loss": vmap(task.loss),
-                "observe": vmap(lambda s, v: observe_validation_loss(s, v, cfg)),
-                "init": vmap(lambda w, p: init_state(w, [p[k] for k in names], cfg)),
+                "observe": opt.observe_validation,
+                "init": lambda w, p: opt.init(p, w),
                 "grad": grad_fn,
+                "adam": AdamInner(self.s.adam_lr),
             }
         return self._fns
 
@@ -193,10 +175,10 @@ class Group:
     def _adam_step(self, t: int, pair_batch) -> Tensor:
         """Advance the Adam runs by inner step ``t`` (from 0) on the pairs' training batches
         ``pair_batch``; returns their losses before the step, (pairs,)."""
-        a = self.adam
-        grads, loss = self._functions()["grad"](a["params"], pair_batch)
-        with torch.no_grad():
-            a["params"], a["m"], a["v"] = adam_update(a["params"], grads, a["m"], a["v"], t + 1, self.s.adam_lr)
+        a, f = self.adam, self._functions()
+        grads, loss = f["grad"](a["params"], pair_batch)
+        a["params"], moments = f["adam"].step(a["params"], grads, {"m": a["m"], "v": a["v"]}, t=t)
+        a.update(moments)
         return loss.detach()
 
     def unroll(self, member_weights: Dict[str, Tensor], pass_loss: bool):
@@ -244,9 +226,7 @@ class Group:
     # --------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
         """Plain containers of tensors and numbers (loadable with weights_only=True)."""
-        ls = None
-        if self.lstate is not None:
-            ls = self.lstate.to_saved()
+        ls = LearnedInner.to_saved(self.lstate)
         return {"resets": self.resets, "step": self.step, "horizon": self.horizon,
                 "params": dict(self.params), "lstate": ls,
                 "adam": None if self.adam is None else {k: dict(v) for k, v in self.adam.items()}}
@@ -256,8 +236,7 @@ class Group:
         self.reset()  # rebuild the task of that reset (deterministic from seeds)
         self.step, self.horizon = sd["step"], sd["horizon"]
         self.params = dict(sd["params"])
-        ls = sd["lstate"]
-        self.lstate = None if ls is None else LOptState.from_saved(ls)
+        self.lstate = LearnedInner.from_saved(sd["lstate"])
         if self.adam is not None:
             if sd.get("adam") is None:
                 raise RuntimeError("the checkpoint holds no Adam runs, which versus_adam needs")

@@ -6,18 +6,19 @@ import pytest
 import torch
 
 from learned_opt import ArchConfig, MetaNetwork
-from meta_train.population import Group, UnrollSettings, adam_update, versus_adam_transform
+from meta_train.inner import AdamInner
+from meta_train.population import Group, UnrollSettings, versus_adam_transform
 from meta_train.tasks import get_family
 from meta_train.tasks.base import _mix
 from meta_train.trainer import MetaTrainConfig, MetaTrainer
 
 
-def test_adam_update_matches_torch_adam():
+def test_the_adam_inner_optimizer_matches_torch_adam():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
-    m = {k: torch.zeros_like(v) for k, v in params.items()}
-    v = {k: torch.zeros_like(p) for k, p in params.items()}
+    inner = AdamInner(3e-3)
+    state = inner.init(params)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for t in range(1, 8):
         x = torch.randn(16, 5)
@@ -25,7 +26,7 @@ def test_adam_update_matches_torch_adam():
         model(x).pow(2).mean().backward()
         grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
         opt.step()
-        params, m, v = adam_update(params, grads, m, v, t, 3e-3)
+        params, state = inner.step(params, grads, state, t=t - 1)
         for k, p in model.named_parameters():
             torch.testing.assert_close(params[k], p.detach(), rtol=1e-6, atol=1e-7)
 
