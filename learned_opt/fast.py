@@ -92,7 +92,8 @@ class _Work(NamedTuple):
     scale: Tensor  # (T, E) column scales
     inplace: bool
     originals: Tuple[List[Tensor], List[Tensor], List[Tensor]]  # params, mom, rms as given
-    native: frozenset  # large tensors whose first pass ran in the compiled kernel
+    native: frozenset  # large tensors whose first pass ran in a kernel (the compiled CPU one or Triton)
+    kernel: str  # which: "native", "triton" or ""
 
 
 def _chunks(work_or_lists, plan: _Plan):
@@ -145,7 +146,8 @@ def _join(parts: List[Tensor]) -> Tensor:
 
 
 def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None,
-                      inplace: bool = False, shard: Optional[Sharding] = None, use_native: bool = True):
+                      inplace: bool = False, shard: Optional[Sharding] = None, use_native: bool = True,
+                      use_triton: bool = False):
     dev, dt = params[0].device, params[0].dtype
     chunk = chunk_size or default_chunk(dev)
     D = cfg.n_decays
@@ -177,11 +179,22 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     rows, sqs, ids = [], [], []
     # the compiled kernel takes whole large tensors where it can; its rows are per block of
     # elements, combined below exactly like the chunks' rows
-    native_t = set() if cfg.unit_rms_update else _native_ok(P, G, M, V, large, in_place, use_native)
+    native_t, kind = set(), ""
+    if not cfg.unit_rms_update:
+        native_t, kind = _triton_ok(P, G, M, V, large, in_place, use_triton), "triton"
+        if not native_t:
+            native_t, kind = _native_ok(P, G, M, V, large, in_place, use_native), "native"
     if native_t:
-        kernel, amt = native.get(wait=False), float(amount)
+        amt = float(amount)
+        if kind == "triton":
+            from . import triton_kernels
+        else:
+            kernel = native.get(wait=False)
         for t in sorted(native_t):
-            r, q = kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps)
+            if kind == "triton":
+                r, q = triton_kernels.stats_pass(G[t], P[t], M[t], V[t], amt, cfg.rms_eps, cfg.decays)
+            else:
+                r, q = kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps)
             rows.append(r)
             sqs.append(q.to(dt))
             ids.append(torch.full((r.shape[0],), t, dtype=torch.long, device=dev))
@@ -252,7 +265,7 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     raw = combine_rows(R, idx, n64, D)
     scale = column_scale(sq / n.unsqueeze(-1), cfg)
     work = _Work(P, G, M, V, pack, amount, [x.shape for x in params], n, plan, scale, inplace,
-                 (list(params), list(mom), list(rms)), frozenset(native_t))
+                 (list(params), list(mom), list(rms)), frozenset(native_t), kind if native_t else "")
     return work, raw
 
 
@@ -321,6 +334,18 @@ def _gather_shards(R, idx, sq, T: int, D: int, shard: Sharding):
     return rows, idx, out[:, 9:].reshape(world, T, -1).sum(0)
 
 
+def _triton_ok(P, G, M, V, large, in_place: bool, allowed: bool) -> set:
+    """The large tensors the Triton kernels take where they are asked for: in place, outside
+    autograd, float32 contiguous tensors on a GPU (or anywhere under Triton's interpreter)."""
+    if not (allowed and in_place and large) or torch.is_grad_enabled():
+        return set()
+    import os
+
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return {t for t in large if (P[t].device.type == "cuda" or interpreted)
+            and all(x.dtype == torch.float32 and x.is_contiguous() for x in (P[t], G[t], M[t], V[t]))}
+
+
 def _native_ok(P, G, M, V, large, in_place: bool, allowed: bool) -> set:
     """The large tensors the compiled kernel can take: where ``allowed``, only in the in-place
     path (never under ``vmap`` or autograd), float32 contiguous CPU tensors, and only where the
@@ -365,10 +390,15 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
     # (the same tensors as in the first pass, where the parameters are written in place and
     # the meta-weights are float32 on the CPU too)
     native_t = set()
-    if write_p and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in w.values()):
+    if write_p and all(x.dtype == torch.float32 and (x.device.type == "cpu" or work.kernel == "triton")
+                       for x in w.values()):
         native_t = work.native
     if native_t:
-        kernel = native.get()
+        if work.kernel == "triton":
+            from . import triton_kernels
+            kernel = triton_kernels
+        else:
+            kernel = native.get()
         hidden_w = [w[f"mlp_w{i}"].contiguous() for i in range(1, L)]
         hidden_b = [w[f"mlp_b{i}"].contiguous() for i in range(1, L)]
         amount = float(work.amount)

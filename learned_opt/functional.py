@@ -70,6 +70,14 @@ def _native_allowed(native_arg: Optional[bool]) -> bool:
     return native.enabled() if native_arg is None else bool(native_arg)
 
 
+def _triton_allowed(triton_arg: Optional[bool]) -> bool:
+    """Whether the Triton kernels may be used: the argument, or by default the
+    ``LEARNED_OPT_TRITON`` environment variable (off unless 1)."""
+    import os
+
+    return os.environ.get("LEARNED_OPT_TRITON", "0") == "1" if triton_arg is None else bool(triton_arg)
+
+
 def _per_tensor(value, n: int, name: str) -> List:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -87,7 +95,8 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
               weight_decay: Union[Number, Sequence[Number]] = 0.0,
               maximize: bool = False, cfg: Optional[ArchConfig] = None,
               impl: str = "fast", chunk_size: Optional[int] = None, inplace: bool = False,
-              shard: Optional[fast.Sharding] = None, native: Optional[bool] = None):
+              shard: Optional[fast.Sharding] = None, native: Optional[bool] = None,
+              triton: Optional[bool] = None):
     """One learned-optimizer step. Returns ``(new_params, new_state)``.
 
     ``params``/``grads``/``state.tensors`` are aligned lists of real tensors; ``lr`` and
@@ -100,7 +109,11 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     ``cfg`` (default ``ArchConfig()``), or a ``MetaNetwork``, which brings its own config.
     ``native`` says whether the fast path may use the compiled CPU kernel where it can run
     (float32 on the CPU, in place, outside autograd); ``None`` (default) leaves it to the
-    ``LEARNED_OPT_NATIVE`` environment variable (on unless it is 0/off/false/no).
+    ``LEARNED_OPT_NATIVE`` environment variable (on unless it is 0/off/false/no). ``triton``
+    likewise for the Triton kernels (:mod:`learned_opt.triton_kernels`, the ``gpu`` extra;
+    float32 on a GPU, in place); ``None`` leaves it to ``LEARNED_OPT_TRITON`` (off unless it is
+    1: they are tested only through Triton's interpreter so far). Where both may run, Triton
+    takes the tensor.
 
     ``shard`` (:class:`learned_opt.fast.Sharding`): ``params``, ``grads`` and the accumulators
     are this rank's pieces of tensors sharded over a process group (what
@@ -127,7 +140,7 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
                               tuple(shard.sharded[i] for i in active))
     loss = None if loss is None else _as_scalar(loss, state.glob.step.device)
     passes = (functools.partial(fast.tensor_statistics, chunk_size=chunk_size, inplace=inplace, shard=shard,
-                                use_native=_native_allowed(native)),
+                                use_native=_native_allowed(native), use_triton=_triton_allowed(triton)),
               functools.partial(fast.mlp_update, chunk_size=chunk_size, shard=shard))
     new_p, glob, tensors = _orchestrate(passes, weights, [params[i] for i in active], [grads[i] for i in active],
                                         [state.tensors[i] for i in active], state.glob, loss,
