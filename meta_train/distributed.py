@@ -21,16 +21,14 @@ import torch
 
 def config_from_args(args):
     from .population import UnrollSettings
-    from .trainer import MetaTrainConfig
+    from .trainer import ARCH_FIELDS, MetaTrainConfig
     return MetaTrainConfig(
         family=args.family, scale_augment=args.scale_augment,
         loss_scale_augment=args.loss_scale_augment, estimator=args.estimator,
         sigma=args.sigma, pairs=args.pairs, groups=args.groups, outer=args.outer,
         outer_lr=args.outer_lr, steps=args.steps, init=args.init, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, ema=args.ema, snr_stats=args.snr_stats,
-        absolute_snr=args.absolute_snr, dual_snr=args.dual_snr,
-        magnitude_rate=args.magnitude_rate, rms_eps=args.rms_eps,
-        freeze_untouched=args.freeze_untouched, scale_free=args.scale_free, unit_rms_update=args.unit_rms_update,
+        checkpoint_every=args.checkpoint_every, ema=args.ema,
+        **{name: getattr(args, name) for name in ARCH_FIELDS},
         unroll=UnrollSettings(unroll=args.unroll, min_horizon=args.min_horizon,
                               max_horizon=args.max_horizon, inner_lr=args.inner_lr,
                               meta_loss=args.meta_loss, loss_transform=args.loss_transform,

@@ -38,6 +38,11 @@ from .tasks import get_family
 from .tasks.base import generator
 
 CHECKPOINT_VERSION = 1
+# the MetaTrainConfig fields that choose the learned optimizer's architecture (ArchConfig fields
+# of the same names, applied to the starting weights by initial_theta); the command line's
+# flags carry the same names
+ARCH_FIELDS = ("snr_stats", "absolute_snr", "dual_snr", "magnitude_rate", "rms_eps", "freeze_untouched",
+               "scale_free", "unit_rms_update")
 
 
 @dataclasses.dataclass
@@ -75,6 +80,10 @@ class MetaTrainConfig:
     # or changed on resume; the average then restarts from theta at that step.
     ema: float = 0.0
     unroll: UnrollSettings = dataclasses.field(default_factory=UnrollSettings)
+
+    def arch(self) -> Dict[str, Any]:
+        """The architecture choices (``ARCH_FIELDS``), as ``initial_theta`` takes them."""
+        return {name: getattr(self, name) for name in ARCH_FIELDS}
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -184,10 +193,7 @@ class MetaTrainer:
         self.rank, self.world = rank, world
         self.progress = progress and rank == 0
         self.family = get_family(config.family, config.scale_augment, config.loss_scale_augment)
-        self.theta, self.lopt_cfg = initial_theta(config.init, config.snr_stats, config.absolute_snr,
-                                                    config.dual_snr, config.magnitude_rate, config.rms_eps,
-                                                    config.freeze_untouched, config.scale_free,
-                                                    config.unit_rms_update)
+        self.theta, self.lopt_cfg = initial_theta(config.init, **config.arch())
         self.names = list(self.theta)
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]
