@@ -188,13 +188,16 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
         amt = float(amount)
         if kind == "triton":
             from . import triton_kernels
+
+            def stats(t):
+                return triton_kernels.stats_pass(G[t], P[t], M[t], V[t], amt, cfg.rms_eps, cfg.decays)
         else:
             kernel = native.get(wait=False)
+
+            def stats(t):
+                return kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps)
         for t in sorted(native_t):
-            if kind == "triton":
-                r, q = triton_kernels.stats_pass(G[t], P[t], M[t], V[t], amt, cfg.rms_eps, cfg.decays)
-            else:
-                r, q = kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps)
+            r, q = stats(t)
             rows.append(r)
             sqs.append(q.to(dt))
             ids.append(torch.full((r.shape[0],), t, dtype=torch.long, device=dev))
