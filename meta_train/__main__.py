@@ -47,6 +47,9 @@ def _add_train_args(ap):
                          "starting weights keep their values")
     ap.add_argument("--unit-rms-update", action="store_true",
                     help="each tensor's direction output divided by its RMS (ArchConfig.unit_rms_update)")
+    ap.add_argument("--train-only", default=d.train_only, metavar="NAMES",
+                    help="comma-separated weight tensors to perturb and train (e.g. mlp_w2,mlp_b2); the others "
+                         "keep their starting values. Fewer perturbed weights give a less noisy estimate")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     ap.add_argument("--ema", type=float, default=d.ema,

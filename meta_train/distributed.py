@@ -27,7 +27,7 @@ def config_from_args(args):
         loss_scale_augment=args.loss_scale_augment, estimator=args.estimator,
         sigma=args.sigma, pairs=args.pairs, groups=args.groups, outer=args.outer,
         outer_lr=args.outer_lr, steps=args.steps, init=args.init, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, ema=args.ema,
+        checkpoint_every=args.checkpoint_every, ema=args.ema, train_only=args.train_only,
         **{name: getattr(args, name) for name in ARCH_FIELDS},
         unroll=UnrollSettings(unroll=args.unroll, min_horizon=args.min_horizon,
                               max_horizon=args.max_horizon, inner_lr=args.inner_lr,

@@ -73,6 +73,10 @@ class MetaTrainConfig:
     freeze_untouched: bool = False
     scale_free: bool = False
     unit_rms_update: bool = False  # ArchConfig.unit_rms_update
+    # comma-separated names of the weight tensors that are perturbed and trained ("": all). The
+    # others keep their starting values. Fewer dimensions make each ES/PES estimate far less
+    # noisy (its variance grows with the number of perturbed weights)
+    train_only: str = ""
     seed: int = 0
     checkpoint_every: int = 10
     # decay of an exponential moving average of theta, written beside the weights as
@@ -84,6 +88,10 @@ class MetaTrainConfig:
     def arch(self) -> Dict[str, Any]:
         """The architecture choices (``ARCH_FIELDS``), as ``initial_theta`` takes them."""
         return {name: getattr(self, name) for name in ARCH_FIELDS}
+
+    def trained_names(self) -> Tuple[str, ...]:
+        """The names in ``train_only`` (empty: every tensor is trained)."""
+        return tuple(n.strip() for n in self.train_only.split(",")) if self.train_only else ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -130,6 +138,8 @@ class MetaTrainConfig:
         if not (0.0 <= self.magnitude_rate < float("inf")):
             raise ValueError(f"magnitude_rate must be >= 0 and finite (0: the starting weights' own), "
                              f"got {self.magnitude_rate}")
+        if self.train_only and not all(self.trained_names()):
+            raise ValueError(f"train_only must name weight tensors separated by commas, got {self.train_only!r}")
         if not (0.0 <= self.rms_eps < float("inf")):
             raise ValueError(f"rms_eps must be >= 0 and finite (0: the starting weights' own), "
                              f"got {self.rms_eps}")
@@ -198,6 +208,15 @@ class MetaTrainer:
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]
         self.n_theta = sum(self.sizes)
+        # the coordinates of the flat theta that are perturbed (None: all of them)
+        self.trained: Optional[Tensor] = None
+        if config.train_only:
+            unknown = sorted(set(config.trained_names()) - set(self.names))
+            if unknown:
+                raise ValueError(f"train_only names {unknown}, which the weights do not have; "
+                                 f"they have {self.names}")
+            mask = torch.cat([torch.full((n,), k in config.trained_names()) for k, n in zip(self.names, self.sizes)])
+            self.trained = mask.nonzero().squeeze(1)
         self.outer = OuterOptimizer(config.outer, self.theta, config.outer_lr, self.lopt_cfg)
         per_group = config.pairs // config.groups
         self.pairs_per_group = per_group
@@ -246,9 +265,15 @@ class MetaTrainer:
                 zip(self.names, v.split(self.sizes, dim=-1), self.shapes)}
 
     def directions(self, step: int) -> Tensor:
-        """(pairs, n_theta): the same on every worker (a function of the seed and step)."""
-        return torch.stack([torch.randn(self.n_theta, generator=generator(self.c.seed, 9, step, j))
-                            for j in range(self.c.pairs)])
+        """(pairs, n_theta): the same on every worker (a function of the seed and step); zero
+        outside the trained coordinates (``train_only``)."""
+        n = self.n_theta if self.trained is None else self.trained.numel()
+        z = torch.stack([torch.randn(n, generator=generator(self.c.seed, 9, step, j)) for j in range(self.c.pairs)])
+        if self.trained is None:
+            return z
+        full = torch.zeros(self.c.pairs, self.n_theta)
+        full[:, self.trained] = z
+        return full
 
     # ---------------------------------------------------------------- one step
     def outer_step(self) -> Dict[str, Any]:

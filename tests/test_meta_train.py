@@ -350,3 +350,22 @@ def test_valid_prob_decides_per_task_whether_validation_losses_reach_the_optimiz
     assert (grp.lstate.glob.valid_count > 0).all().item() == (prob == 1.0)
     with pytest.raises(ValueError, match="valid_prob"):
         MetaTrainConfig(unroll=UnrollSettings(valid_prob=1.5)).validate()
+
+
+def test_train_only_moves_the_named_tensors_and_no_other(tmp_path):
+    names = "mlp_w2,mlp_b2"
+    trainer = MetaTrainer(small_config(steps=3, train_only=names), tmp_path, progress=False)
+    z = trainer.directions(0)
+    flat = trainer._unflat(z)
+    assert all(bool((flat[k] == 0).all()) == (k not in names.split(",")) for k in trainer.names)
+    trainer.run()
+    start = load_weights("adam-like-init-v0")[0].weights()
+    for k in start:
+        assert torch.equal(trainer.theta[k], start[k]) == (k not in names.split(",")), k
+
+
+def test_train_only_refuses_names_the_weights_do_not_have(tmp_path):
+    with pytest.raises(ValueError, match="mlp_w9"):
+        MetaTrainer(small_config(train_only="mlp_w2,mlp_w9"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="train_only"):
+        small_config(train_only="mlp_w2,").validate()
