@@ -32,6 +32,7 @@ from learned_opt import ArchConfig, MetaNetwork, load_weights, save_weights
 from learned_opt.atomic import atomic_torch_save
 
 from .estimators import ESTIMATORS, make_estimator
+from .loop import run_loop, trim_log
 from .outer import OuterOptimizer
 from .population import Group, UnrollSettings
 from .tasks import get_family
@@ -341,31 +342,10 @@ class MetaTrainer:
     # ------------------------------------------------------------------ loop
     def run(self, steps: Optional[int] = None) -> None:
         total = steps if steps is not None else self.c.steps
-        bar = None
-        if self.progress:
-            try:
-                from tqdm import tqdm
-                bar = tqdm(total=total, initial=self.step, desc="meta-train", dynamic_ncols=True)
-            except ImportError:
-                bar = None
-        log = self.out / "log.jsonl"
-        start = time.time()
-        while self.step < total:
-            rec = self.outer_step()
-            rec["wall"] = time.time() - start
-            if self.rank == 0:
-                with open(log, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(meta_loss=f"{rec['meta_loss']:.4f}", nonfinite=rec["nonfinite_pairs"])
-                elif self.progress and (self.step % 10 == 0 or self.step == total):
-                    print(f"[meta_train] step {self.step}/{total} meta_loss {rec['meta_loss']:.4f} "
-                          f"({rec['inner_steps_per_s']:.0f} inner steps/s)", file=sys.stderr, flush=True)
-            if self.step % self.c.checkpoint_every == 0 or self.step == total:
-                self.save()
-        if bar is not None:
-            bar.close()
+        run_loop(self, total, self.out / "log.jsonl" if self.rank == 0 else None, self.c.checkpoint_every,
+                 desc="meta_train", progress=self.progress, print_every=10 if self.progress else 0,
+                 shown=lambda r: {"meta_loss": f"{r['meta_loss']:.4f}", "nonfinite": str(r["nonfinite_pairs"]),
+                                  "inner_steps/s": f"{r['inner_steps_per_s']:.0f}"})
 
     # ------------------------------------------------------------ checkpoints
     def _ckpt_path(self) -> Path:
@@ -471,8 +451,5 @@ class MetaTrainer:
                       file=sys.stderr)
             self._start_ema()
         self._write_weights()  # weights.safetensors may be ahead of the step resumed from
-        if self.rank == 0:  # drop log lines written after the checkpoint
-            log = self.out / "log.jsonl"
-            if log.exists():
-                keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-                log.write_text("".join(ln + "\n" for ln in keep))
+        if self.rank == 0:
+            trim_log(self.out / "log.jsonl", self.step)

@@ -369,3 +369,29 @@ def test_train_only_refuses_names_the_weights_do_not_have(tmp_path):
         MetaTrainer(small_config(train_only="mlp_w2,mlp_w9"), tmp_path, progress=False)
     with pytest.raises(ValueError, match="train_only"):
         small_config(train_only="mlp_w2,").validate()
+
+
+def test_run_loop_checkpoints_on_schedule_and_trim_log_cuts_back_to_the_checkpoint(tmp_path):
+    from meta_train.loop import run_loop, trim_log
+
+    class Counter:
+        def __init__(self):
+            self.step, self.saved = 0, []
+
+        def outer_step(self):
+            self.step += 1
+            return {"step": self.step, "x": self.step * 2}
+
+        def save(self):
+            self.saved.append(self.step)
+
+    log = tmp_path / "log.jsonl"
+    c = Counter()
+    run_loop(c, 7, log, 3, desc="t", shown=lambda r: {}, progress=False)
+    assert c.saved == [3, 6, 7]
+    kept = trim_log(log, 6)  # as if the run had stopped after its checkpoint at step 6
+    assert [r["step"] for r in kept] == list(range(1, 7))
+    assert [json.loads(x)["x"] for x in log.read_text().splitlines()] == [2, 4, 6, 8, 10, 12]
+    c2 = Counter()
+    run_loop(c2, 10, None, 100, desc="t", shown=lambda r: {}, progress=False, stop=lambda: c2.step >= 4)
+    assert c2.step == 4 and c2.saved == [4]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -20,6 +21,8 @@ from torch import nn
 from torch.func import grad
 
 from learned_opt.atomic import atomic_torch_save
+
+from ..loop import run_loop, trim_log
 
 from .data import FewShotClasses, Sinusoid, load_omniglot, vinyals_split
 from .maml import (CURVATURES, INNER_SOLVERS, MAMLConfig, accuracy, adapt, imaml_adapt, imaml_meta_gradient,
@@ -286,46 +289,26 @@ class FewShotTrainer:
         self.seconds = sd.get("seconds", 0.0)  # older checkpoints: filled in from the log by run()
 
     def run(self, resume: bool = False, progress: bool = True):
-        log = os.path.join(self.out, "log.jsonl")
+        log = Path(self.out) / "log.jsonl"
         os.makedirs(self.out, exist_ok=True)
         if resume and os.path.exists(os.path.join(self.out, "checkpoint.pt")):
             self.load()
-            if os.path.exists(log):  # drop lines written after the checkpoint
-                with open(log) as f:
-                    lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= self.step]
-                with open(log, "w") as f:
-                    f.writelines(lines)
-                if not self.seconds:
-                    recs = [json.loads(ln) for ln in lines]
-                    self.seconds = sum(r.get("cpu", r.get("time", 0.0)) for r in recs)
+            records = trim_log(log, self.step)
+            if not self.seconds:
+                self.seconds = sum(r.get("cpu", r.get("time", 0.0)) for r in records)
         elif os.path.exists(os.path.join(self.out, "checkpoint.pt")):
             raise RuntimeError(f"{self.out} already holds a checkpoint: pass --resume, or another --out")
         with open(os.path.join(self.out, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(self.cfg), f, indent=2)
-        bar = None
-        if progress:
-            try:
-                from tqdm import tqdm
-                bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"{self.cfg.algorithm}", dynamic_ncols=True)
-            except ImportError:
-                pass
-        while self.step < self.cfg.steps and not self.out_of_time():
-            rec = self.outer_step()
-            with open(log, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            # with a CPU-time budget the run usually ends before --steps: show the budget too
-            shown = {"loss": f"{rec['query_loss']:.4f}", "metric": f"{rec['metric']:.3f}"}
+
+        def shown(rec):  # with a CPU-time budget the run usually ends before --steps: show the budget too
+            values = {"loss": f"{rec['query_loss']:.4f}", "metric": f"{rec['metric']:.3f}"}
             if self.cfg.hours > 0:
-                shown["cpu_h"] = f"{self.seconds / 3600:.2f}/{self.cfg.hours:g}"
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(**shown)
-            elif self.step % 50 == 0:
-                print(f"step {self.step}/{self.cfg.steps} " + " ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps or self.out_of_time():
-                self.save()
-        if bar is not None:
-            bar.close()
+                values["cpu_h"] = f"{self.seconds / 3600:.2f}/{self.cfg.hours:g}"
+            return values
+
+        run_loop(self, self.cfg.steps, log, self.cfg.checkpoint_every, desc=self.cfg.algorithm, shown=shown,
+                 progress=progress, print_every=50, stop=self.out_of_time)
         if self.step < self.cfg.steps and self.out_of_time():
             print(f"budget of {self.cfg.hours:g} CPU hours spent at outer step {self.step} of {self.cfg.steps}",
                   flush=True)
