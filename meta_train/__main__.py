@@ -33,11 +33,11 @@ def _add_train_args(ap):
     ap.add_argument("--dual-snr", action="store_true",
                     help="train the architecture whose MLP sees m/sqrt(v) both scaled and unscaled "
                          "(ArchConfig.dual_snr); starting weights without the unscaled inputs get them at zero weight")
-    ap.add_argument("--magnitude-rate", type=float, default=d.magnitude_rate,
+    ap.add_argument("--magnitude-rate", type=float, default=0.0,
                     help="rate of the step's magnitude path, update = lr * d * exp(rate * mag) "
                          "(ArchConfig.magnitude_rate); starting weights at another rate are rescaled to "
                          "give the same updates. 0: the starting weights' own")
-    ap.add_argument("--rms-eps", type=float, default=d.rms_eps,
+    ap.add_argument("--rms-eps", type=float, default=0.0,
                     help="eps of 1/sqrt(v + eps) in the features (ArchConfig.rms_eps); starting weights keep "
                          "their values, so their updates change. 0: the starting weights' own")
     ap.add_argument("--freeze-untouched", action="store_true",
@@ -47,6 +47,9 @@ def _add_train_args(ap):
                          "starting weights keep their values")
     ap.add_argument("--unit-rms-update", action="store_true",
                     help="each tensor's direction output divided by its RMS (ArchConfig.unit_rms_update)")
+    ap.add_argument("--sign-tolerance", type=float, default=None,
+                    help="the LSTM reads the sign of a per-tensor mean as 0 within this tolerance times its RMS "
+                         "(ArchConfig.sign_tolerance); starting weights keep their values. Default: the weights' own")
     ap.add_argument("--train-only", default=d.train_only, metavar="NAMES",
                     help="comma-separated weight tensors to perturb and train (e.g. mlp_w2,mlp_b2); the others "
                          "keep their starting values. Fewer perturbed weights give a less noisy estimate")

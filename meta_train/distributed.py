@@ -21,14 +21,14 @@ import torch
 
 def config_from_args(args):
     from .population import UnrollSettings
-    from .trainer import ARCH_FIELDS, MetaTrainConfig
+    from .trainer import ARCH_FIELDS, MetaTrainConfig, arch_changes
     return MetaTrainConfig(
         family=args.family, scale_augment=args.scale_augment,
         loss_scale_augment=args.loss_scale_augment, estimator=args.estimator,
         sigma=args.sigma, pairs=args.pairs, groups=args.groups, outer=args.outer,
         outer_lr=args.outer_lr, steps=args.steps, init=args.init, seed=args.seed,
         checkpoint_every=args.checkpoint_every, ema=args.ema, train_only=args.train_only,
-        **{name: getattr(args, name) for name in ARCH_FIELDS},
+        arch=arch_changes({name: getattr(args, name) for name in ARCH_FIELDS}),
         unroll=UnrollSettings(unroll=args.unroll, min_horizon=args.min_horizon,
                               max_horizon=args.max_horizon, inner_lr=args.inner_lr,
                               meta_loss=args.meta_loss, loss_transform=args.loss_transform,

@@ -39,11 +39,17 @@ from .tasks import get_family
 from .tasks.base import generator
 
 CHECKPOINT_VERSION = 1
-# the MetaTrainConfig fields that choose the learned optimizer's architecture (ArchConfig fields
-# of the same names, applied to the starting weights by initial_theta); the command line's
-# flags carry the same names
-ARCH_FIELDS = ("snr_stats", "absolute_snr", "dual_snr", "magnitude_rate", "rms_eps", "freeze_untouched",
-               "scale_free", "unit_rms_update")
+# The ArchConfig fields a run may set on its starting weights (MetaTrainConfig.arch; how each is
+# applied: initial_theta), with the value that means "leave the starting weights' own". The
+# command line's flags carry the same names.
+ARCH_FIELDS = {"snr_stats": False, "absolute_snr": False, "dual_snr": False, "magnitude_rate": 0.0, "rms_eps": 0.0,
+               "freeze_untouched": False, "scale_free": False, "unit_rms_update": False, "sign_tolerance": None}
+
+
+def arch_changes(values: Dict[str, Any]) -> Dict[str, Any]:
+    """The entries of ``values`` (ARCH_FIELDS names) that change something: the canonical
+    ``MetaTrainConfig.arch`` (two configs that ask for the same architecture compare equal)."""
+    return {k: v for k, v in values.items() if k in ARCH_FIELDS and v != ARCH_FIELDS[k] and v is not None}
 
 
 @dataclasses.dataclass
@@ -60,20 +66,13 @@ class MetaTrainConfig:
     outer_lr: float = 3e-4
     steps: int = 200  # outer steps
     init: str = "adam-like-init-v0"  # starting weights: a name, a path, or "random"
-    snr_stats: bool = False  # the architecture with the signal-to-noise LSTM inputs (ArchConfig)
-    absolute_snr: bool = False  # the architecture with unscaled m/sqrt(v) MLP columns (ArchConfig)
-    dual_snr: bool = False  # the architecture with both scaled and unscaled m/sqrt(v) columns (ArchConfig)
-    # rate of the step's magnitude path (ArchConfig.magnitude_rate); 0: the starting weights' own.
-    # Starting weights at another rate are rescaled to give the same updates
-    # (MetaNetwork.with_magnitude_rate).
-    magnitude_rate: float = 0.0
-    # eps of 1/sqrt(v + eps) in the features (ArchConfig.rms_eps); 0: the starting weights' own.
-    # Starting weights keep their values (MetaNetwork.with_rms_eps): not the same updates.
-    rms_eps: float = 0.0
-    # ArchConfig.freeze_untouched and ArchConfig.scale_free (starting weights keep their values)
-    freeze_untouched: bool = False
-    scale_free: bool = False
-    unit_rms_update: bool = False  # ArchConfig.unit_rms_update
+    # the learned optimizer's architecture: the ArchConfig fields (ARCH_FIELDS) this run sets on
+    # its starting weights; every other field is the starting weights' own. snr_stats,
+    # absolute_snr and dual_snr move weights without those inputs onto them (the new inputs at
+    # zero weight: the same updates at first); magnitude_rate > 0 rescales the weights to that
+    # rate with the same updates; rms_eps > 0, freeze_untouched, scale_free, unit_rms_update
+    # and sign_tolerance keep the weights' values (not always the same updates)
+    arch: Dict[str, Any] = dataclasses.field(default_factory=dict)
     # comma-separated names of the weight tensors that are perturbed and trained ("": all). The
     # others keep their starting values. Fewer dimensions make each ES/PES estimate far less
     # noisy (its variance grows with the number of perturbed weights)
@@ -86,10 +85,6 @@ class MetaTrainConfig:
     ema: float = 0.0
     unroll: UnrollSettings = dataclasses.field(default_factory=UnrollSettings)
 
-    def arch(self) -> Dict[str, Any]:
-        """The architecture choices (``ARCH_FIELDS``), as ``initial_theta`` takes them."""
-        return {name: getattr(self, name) for name in ARCH_FIELDS}
-
     def trained_names(self) -> Tuple[str, ...]:
         """The names in ``train_only`` (empty: every tensor is trained)."""
         return tuple(n.strip() for n in self.train_only.split(",")) if self.train_only else ()
@@ -101,6 +96,8 @@ class MetaTrainConfig:
     def from_json(cls, text: str) -> "MetaTrainConfig":
         raw = json.loads(text)
         raw["unroll"] = UnrollSettings(**raw["unroll"])
+        # runs begun before ``arch`` kept its entries as fields of their own
+        raw["arch"] = arch_changes({**{k: raw.pop(k) for k in ARCH_FIELDS if k in raw}, **raw.get("arch", {})})
         return cls(**raw)
 
     def validate(self) -> None:
@@ -136,28 +133,31 @@ class MetaTrainConfig:
                              "in the meta-loss); with 'none' it would weigh the tasks by their factors")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
-        if not (0.0 <= self.magnitude_rate < float("inf")):
-            raise ValueError(f"magnitude_rate must be >= 0 and finite (0: the starting weights' own), "
-                             f"got {self.magnitude_rate}")
+        unknown = sorted(set(self.arch) - set(ARCH_FIELDS))
+        if unknown:
+            raise ValueError(f"arch sets {unknown}; a run may set only {sorted(ARCH_FIELDS)}")
+        for name in ("magnitude_rate", "rms_eps", "sign_tolerance"):
+            value = self.arch.get(name, 0.0)
+            if not (0.0 <= value < float("inf")):
+                raise ValueError(f"{name} must be >= 0 and finite, got {value}")
         if self.train_only and not all(self.trained_names()):
             raise ValueError(f"train_only must name weight tensors separated by commas, got {self.train_only!r}")
-        if not (0.0 <= self.rms_eps < float("inf")):
-            raise ValueError(f"rms_eps must be >= 0 and finite (0: the starting weights' own), "
-                             f"got {self.rms_eps}")
 
 
 def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False,
                   dual_snr: bool = False, magnitude_rate: float = 0.0,
                   rms_eps: float = 0.0, freeze_untouched: bool = False,
-                  scale_free: bool = False, unit_rms_update: bool = False) -> Tuple[Dict[str, Tensor], ArchConfig]:
+                  scale_free: bool = False, unit_rms_update: bool = False,
+                  sign_tolerance: Optional[float] = None) -> Tuple[Dict[str, Tensor], ArchConfig]:
     """The starting weights and their architecture. With ``snr_stats`` or ``dual_snr``, weights
     without those inputs get them at zero weight (the same updates as the weights given); with
     ``absolute_snr``, the weights move to the architecture with unscaled m/sqrt(v) columns.
     Weights that have one of these cannot start a run that leaves it out. A positive
     ``magnitude_rate`` moves the weights to that rate with the same updates; a positive
     ``rms_eps`` puts them on that eps of the features (not the same updates);
-    ``freeze_untouched`` and ``scale_free`` switch those options on (``MetaNetwork.with_options``;
-    starting weights that have one cannot start a run that leaves it out)."""
+    ``freeze_untouched``, ``scale_free`` and ``unit_rms_update`` switch those options on
+    (``MetaNetwork.with_options``; starting weights that have one cannot start a run that leaves
+    it out); ``sign_tolerance`` (None: the weights' own) sets that tolerance."""
     if init == "random":
         rate = {"magnitude_rate": magnitude_rate} if magnitude_rate else {}
         eps = {"rms_eps": rms_eps} if rms_eps else {}
@@ -180,7 +180,9 @@ def initial_theta(init: str, snr_stats: bool = False, absolute_snr: bool = False
                              ("unit_rms_update", unit_rms_update)):
             if getattr(net.config, flag) and not wanted:
                 raise ValueError(f"the starting weights {init!r} have {flag}: pass --{flag.replace('_', '-')}")
-    net = net.with_options(freeze_untouched=freeze_untouched, scale_free=scale_free, unit_rms_update=unit_rms_update)
+    tolerance = {} if sign_tolerance is None else {"sign_tolerance": sign_tolerance}
+    net = net.with_options(freeze_untouched=freeze_untouched, scale_free=scale_free, unit_rms_update=unit_rms_update,
+                           **tolerance)
     return {k: v.detach().clone() for k, v in net.weights().items()}, net.config
 
 
@@ -204,7 +206,7 @@ class MetaTrainer:
         self.rank, self.world = rank, world
         self.progress = progress and rank == 0
         self.family = get_family(config.family, config.scale_augment, config.loss_scale_augment)
-        self.theta, self.lopt_cfg = initial_theta(config.init, **config.arch())
+        self.theta, self.lopt_cfg = initial_theta(config.init, **config.arch)
         self.names = list(self.theta)
         self.shapes = [self.theta[k].shape for k in self.names]
         self.sizes = [self.theta[k].numel() for k in self.names]

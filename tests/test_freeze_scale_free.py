@@ -203,6 +203,6 @@ def test_meta_training_takes_the_options():
     ap = argparse.ArgumentParser()
     _add_train_args(ap)
     c = config_from_args(ap.parse_args(["--out", "x", "--freeze-untouched", "--scale-free"]))
-    assert c.freeze_untouched and c.scale_free
+    assert c.arch == {"freeze_untouched": True, "scale_free": True}
     _, cfg = initial_theta("random", freeze_untouched=True, scale_free=True)
     assert cfg.freeze_untouched and cfg.scale_free

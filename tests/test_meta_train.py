@@ -395,3 +395,31 @@ def test_run_loop_checkpoints_on_schedule_and_trim_log_cuts_back_to_the_checkpoi
     c2 = Counter()
     run_loop(c2, 10, None, 100, desc="t", shown=lambda r: {}, progress=False, stop=lambda: c2.step >= 4)
     assert c2.step == 4 and c2.saved == [4]
+
+
+def test_architecture_is_one_arch_entry_and_older_flat_configs_read_into_it():
+    import argparse
+
+    from meta_train.__main__ import _add_train_args
+    from meta_train.distributed import config_from_args
+    ap = argparse.ArgumentParser()
+    _add_train_args(ap)
+    args = ap.parse_args(["--out", "x", "--snr-stats", "--scale-free", "--sign-tolerance", "1e-4", "--rms-eps", "0"])
+    cfg = config_from_args(args)
+    assert cfg.arch == {"snr_stats": True, "scale_free": True, "sign_tolerance": 1e-4}
+    assert MetaTrainConfig.from_json(cfg.to_json()) == cfg
+    # a run begun when each option was a field of its own resumes under the same configuration
+    flat = json.loads(cfg.to_json())
+    del flat["arch"]
+    flat.update(snr_stats=True, absolute_snr=False, scale_free=True, rms_eps=0.0, magnitude_rate=0.0,
+                sign_tolerance=1e-4)
+    assert MetaTrainConfig.from_json(json.dumps(flat)) == cfg
+    with pytest.raises(ValueError, match="lstm_hidden"):
+        MetaTrainConfig(arch={"lstm_hidden": 8}).validate()
+    with pytest.raises(ValueError, match="sign_tolerance"):
+        MetaTrainConfig(arch={"sign_tolerance": -1.0}).validate()
+
+
+def test_sign_tolerance_reaches_the_starting_weights(tmp_path):
+    cfg = small_config(steps=1, arch={"sign_tolerance": 1e-3})
+    assert MetaTrainer(cfg, tmp_path, progress=False).lopt_cfg.sign_tolerance == 1e-3

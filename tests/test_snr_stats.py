@@ -146,7 +146,7 @@ def test_meta_training_with_the_inputs(tmp_path):
     from meta_train.trainer import MetaTrainConfig, MetaTrainer
     cfg = MetaTrainConfig(family="teacher_student", pairs=2, groups=1, steps=2, checkpoint_every=1,
                           unroll=UnrollSettings(unroll=3, min_horizon=6, max_horizon=6), init=V1,
-                          snr_stats=True)
+                          arch={"snr_stats": True})
     tr = MetaTrainer(cfg, tmp_path, progress=False)
     start = load_weights(V1)[0].with_snr_stats().weights()
     tr.run()
