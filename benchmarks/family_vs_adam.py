@@ -15,6 +15,7 @@ suite); the held-out comparison is ``compare.py``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 
@@ -85,10 +86,16 @@ def main(argv=None):
     for m, label in (("train_tail", "end-of-run training loss"), ("valid", "validation loss")):
         print(f"tasks where the learned optimizer's {label} beats Adam 1e-3:",
               {k: f"{v}/{args.tasks}" for k, v in wins[m].items()})
+    # the selection score: the mean over tasks of log(validation loss / Adam 1e-3's), lower is
+    # better (a ratio, so no task's loss scale dominates; a count alone hides the margins)
+    log_ratio = {w or "default": sum(math.log(r[w or "default"]["valid"] / r["adam_1e-3"]["valid"]) for r in rows)
+                 / len(rows) for w in weights}
+    print("mean log(validation loss / Adam 1e-3's):", {k: f"{v:+.4f}" for k, v in log_ratio.items()})
     out = args.out or os.path.join(HERE, "results", f"family_vs_adam-{args.family}.json")
     write_result(out, "family_vs_adam.py", argv, {"family": args.family, "steps": args.steps,
                                                   "pass_loss": not args.no_loss, "wins_vs_adam": wins["train_tail"],
-                                                  "valid_wins_vs_adam": wins["valid"], "tasks": rows})
+                                                  "valid_wins_vs_adam": wins["valid"], "valid_log_ratio_vs_adam": log_ratio,
+                                                  "tasks": rows})
 
 
 if __name__ == "__main__":
