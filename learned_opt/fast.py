@@ -184,20 +184,20 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
         native_t, kind = _triton_ok(P, G, M, V, large, in_place, use_triton), "triton"
         if not native_t:
             native_t, kind = _native_ok(P, G, M, V, large, in_place, use_native), "native"
-    if native_t:
+    if native_t and kind == "triton":  # one launch for all of them (a tensor table)
+        from . import triton_kernels
+        order = sorted(native_t)
+        r, q, owner = triton_kernels.stats_pass_table([G[t] for t in order], [P[t] for t in order],
+                                                      [M[t] for t in order], [V[t] for t in order],
+                                                      amount, cfg.rms_eps, cfg.decays)
+        rows.append(r)
+        sqs.append(q.to(dt))
+        ids.append(torch.tensor(order, dtype=torch.long, device=dev).index_select(0, owner))
+    elif native_t:
         amt = float(amount)
-        if kind == "triton":
-            from . import triton_kernels
-
-            def stats(t):
-                return triton_kernels.stats_pass(G[t], P[t], M[t], V[t], amt, cfg.rms_eps, cfg.decays)
-        else:
-            kernel = native.get(wait=False)
-
-            def stats(t):
-                return kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps)
+        kernel = native.get(wait=False)
         for t in sorted(native_t):
-            r, q = stats(t)
+            r, q = kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps)
             rows.append(r)
             sqs.append(q.to(dt))
             ids.append(torch.full((r.shape[0],), t, dtype=torch.long, device=dev))
@@ -396,14 +396,21 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
     if write_p and all(x.dtype == torch.float32 and (x.device.type == "cpu" or work.kernel == "triton")
                        for x in w.values()):
         native_t = work.native
-    if native_t:
-        if work.kernel == "triton":
-            from . import triton_kernels
-            kernel = triton_kernels
-        else:
-            kernel = native.get()
-        hidden_w = [w[f"mlp_w{i}"].contiguous() for i in range(1, L)]
-        hidden_b = [w[f"mlp_b{i}"].contiguous() for i in range(1, L)]
+    hidden_w = [w[f"mlp_w{i}"].contiguous() for i in range(1, L)]
+    hidden_b = [w[f"mlp_b{i}"].contiguous() for i in range(1, L)]
+    if native_t and work.kernel == "triton":  # one launch for all of them (a tensor table)
+        from . import triton_kernels
+        order = sorted(native_t)
+        sel = torch.tensor(order, dtype=torch.long, device=dev)
+        hs = triton_kernels.mlp_pass_table([G[t] for t in order], [P[t] for t in order], [M[t] for t in order],
+                                           [V[t] for t in order], work.amount, cfg.rms_eps,
+                                           w0s.index_select(0, sel).contiguous(), bias0.index_select(0, sel).contiguous(),
+                                           hidden_w, hidden_b, w_dir, w_mag, bl[:2], rate, lr.index_select(0, sel),
+                                           decay.index_select(0, sel), cfg.freeze_untouched)
+        hsums.append(torch.zeros(T, hs.shape[-1], dtype=dt, device=dev).index_copy(0, sel, hs.to(dt)))
+        ids.append(None)
+    elif native_t:
+        kernel = native.get()
         amount = float(work.amount)
         for t in sorted(native_t):
             hs = kernel.mlp_pass(G[t], P[t], M[t], V[t], amount, cfg.rms_eps, w0s[t].contiguous(),

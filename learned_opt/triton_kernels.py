@@ -1,5 +1,12 @@
 """Triton kernels of the step's two per-element passes (the optional ``gpu`` extra; work in
-progress towards one fused GPU step, not yet used by :class:`~learned_opt.LearnedOptimizer`).
+progress towards one fused GPU step, used by the fast path with ``triton=True``).
+
+Each pass is one launch over a **tensor table**: every tensor's elements are cut into blocks of
+``BLOCK``, and program ``i`` looks up which tensor its block belongs to and that tensor's
+addresses (an int64 table of data pointers), size and per-tensor values (lr, weight decay, the
+MLP's folded first layer). Per-tensor scalars are read from device memory, so a launch needs no
+host synchronisation. :func:`stats_pass_table` and :func:`mlp_pass_table` take lists of
+tensors; :func:`stats_pass` and :func:`mlp_pass` are the same kernels on a table of one.
 
 :func:`stats_pass` does, for one flat tensor, the fast path's first pass
 (:func:`learned_opt.fast.tensor_statistics`): clip the gradient, update the accumulators in
@@ -27,12 +34,49 @@ BLOCK = 64  # elements per program
 DP = 8  # the decays, padded to a power of two
 
 
+class _Table:
+    """The tensor table of one launch: for flat float32 tensors of sizes ``numels``, which
+    tensor each block of ``BLOCK`` elements belongs to (``owner``), the tensors' first blocks and
+    sizes, and int64 tables of the data pointers of each list of tensors given to ``pointers``."""
+
+    def __init__(self, numels, device):
+        blocks = [triton.cdiv(n, BLOCK) for n in numels]
+        self.n_blocks = sum(blocks)
+        self.device = device
+        self.owner = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
+                                             torch.tensor(blocks, dtype=torch.int64)).to(device)
+        first = [0]
+        for b in blocks[:-1]:
+            first.append(first[-1] + b)
+        self.first = torch.tensor(first, dtype=torch.int32, device=device)
+        self.numel = torch.tensor(list(numels), dtype=torch.int64, device=device)
+
+    def pointers(self, tensors):
+        return torch.tensor([x.data_ptr() for x in tensors], dtype=torch.int64, device=self.device)
+
+
 @triton.jit
-def _stats_pass_kernel(g_ptr, p_ptr, m_ptr, v_ptr, n, D, amount, rms_eps, decays_ptr, rows_ptr, sq_ptr,
-                       BLOCK: tl.constexpr, DP: tl.constexpr, E_PAD: tl.constexpr):
+def _block(pid, owner_ptr, first_ptr, numel_ptr, BLOCK: tl.constexpr):
+    """This program's tensor, the indices of its elements (int64) and their mask."""
+    t = tl.load(owner_ptr + pid)
+    j = pid - tl.load(first_ptr + t)
+    n = tl.load(numel_ptr + t)
+    rows = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return t, rows, rows < n
+
+
+@triton.jit
+def _ptr(table, t):
+    return tl.load(table + t).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def _stats_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_ptr, D, amount_ptr, rms_eps,
+                       decays_ptr, rows_ptr, sq_ptr, BLOCK: tl.constexpr, DP: tl.constexpr, E_PAD: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < n
+    t, rows, ok = _block(pid, owner_ptr, first_ptr, numel_ptr, BLOCK)
+    g_ptr, p_ptr, m_ptr, v_ptr = _ptr(g_tab, t), _ptr(p_tab, t), _ptr(m_tab, t), _ptr(v_tab, t)
+    amount = tl.load(amount_ptr)
     ds = tl.arange(0, DP)
     ok_d = ds < D
     both = ok[:, None] & ok_d[None, :]
@@ -81,33 +125,58 @@ def _stats_pass_kernel(g_ptr, p_ptr, m_ptr, v_ptr, n, D, amount, rms_eps, decays
     tl.store(out + 3 + 3 * D + ds, tl.sum(inv, axis=0), mask=ok_d)
 
 
+def _check(tensors, what):
+    if any(x.dtype != torch.float32 or not x.is_contiguous() for x in tensors):
+        raise TypeError(f"the Triton kernel computes in float32 on contiguous {what}")
+
+
+def _amount(amount, device):
+    return torch.as_tensor(amount, dtype=torch.float32, device=device).reshape(1)
+
+
+def stats_pass_table(gs, ps, ms, vs, amount, rms_eps: float, decays):
+    """The first pass over flat float32 tensors, one launch for all: ``gs[i]``, ``ps[i]``
+    (n_i,) and the accumulators ``ms[i]``, ``vs[i]`` (n_i, D), updated in place; ``amount``
+    the clip (a number or a one-element tensor). Returns the float64 block rows (blocks, 9),
+    each block's column sums of squares (blocks, E), and the index in the lists of each block's
+    tensor (blocks,)."""
+    D = ms[0].shape[-1]
+    if D > DP:
+        raise ValueError(f"the Triton kernel takes at most {DP} decays, got {D}")
+    _check([*gs, *ps, *ms, *vs], "tensors")
+    dev = ps[0].device
+    table = _Table([p.numel() for p in ps], dev)
+    E = 3 + 4 * D
+    rows = torch.empty(table.n_blocks, 9, dtype=torch.float64, device=dev)
+    sq = torch.empty(table.n_blocks, E, dtype=torch.float32, device=dev)
+    b = torch.as_tensor(decays, dtype=torch.float32, device=dev)
+    _stats_pass_kernel[(table.n_blocks,)](table.pointers(gs), table.pointers(ps), table.pointers(ms),
+                                          table.pointers(vs), table.owner, table.first, table.numel, D,
+                                          _amount(amount, dev), float(rms_eps), b, rows, sq,
+                                          BLOCK=BLOCK, DP=DP, E_PAD=E)
+    return rows, sq, table.owner.long()
+
+
 def stats_pass(g, p, m, v, amount: float, rms_eps: float, decays):
     """The first pass over one flat float32 tensor: ``g``, ``p`` (n,) and the accumulators
     ``m``, ``v`` (n, D), updated in place. Returns the float64 block rows (blocks, 9) and each
     block's column sums of squares (blocks, E)."""
-    n, D = p.numel(), m.shape[-1]
-    if D > DP:
-        raise ValueError(f"the Triton kernel takes at most {DP} decays, got {D}")
-    if any(x.dtype != torch.float32 for x in (g, p, m, v)) or not (m.is_contiguous() and v.is_contiguous()):
-        raise TypeError("the Triton kernel computes in float32 on contiguous accumulators")
-    blocks = triton.cdiv(n, BLOCK)
-    E = 3 + 4 * D
-    rows = torch.empty(blocks, 9, dtype=torch.float64, device=p.device)
-    sq = torch.empty(blocks, E, dtype=torch.float32, device=p.device)
-    b = torch.as_tensor(decays, dtype=torch.float32, device=p.device)
-    _stats_pass_kernel[(blocks,)](g.contiguous(), p.contiguous(), m, v, n, D, float(amount), float(rms_eps), b, rows, sq,
-                                  BLOCK=BLOCK, DP=DP, E_PAD=E)
+    rows, sq, _ = stats_pass_table([g], [p], [m], [v], amount, rms_eps, decays)
     return rows, sq
 
 
 @triton.jit
-def _mlp_pass_kernel(g_ptr, p_ptr, m_ptr, v_ptr, n, D, amount, rms_eps,
-                     w0_ptr, b0_ptr, wh_ptr, bh_ptr, wdir_ptr, wmag_ptr, b_dir, b_mag,
-                     rate, lr, decay, freeze, part_ptr,
-                     BLOCK: tl.constexpr, DP: tl.constexpr, H: tl.constexpr, HIDDEN: tl.constexpr):
+def _mlp_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_ptr, D, amount_ptr, rms_eps,
+                     w0_ptr, b0_ptr, wh_ptr, bh_ptr, wdir_ptr, wmag_ptr, bout_ptr,
+                     rate, lr_ptr, decay_ptr, freeze, part_ptr,
+                     BLOCK: tl.constexpr, DP: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
+                     HIDDEN: tl.constexpr):
     pid = tl.program_id(0)
-    rows = pid * BLOCK + tl.arange(0, BLOCK)
-    ok = rows < n
+    t, rows, ok = _block(pid, owner_ptr, first_ptr, numel_ptr, BLOCK)
+    g_ptr, p_ptr, m_ptr, v_ptr = _ptr(g_tab, t), _ptr(p_tab, t), _ptr(m_tab, t), _ptr(v_tab, t)
+    amount = tl.load(amount_ptr)
+    w0_ptr += t.to(tl.int64) * E * H  # this tensor's folded first layer and bias
+    b0_ptr += t * H
     ds = tl.arange(0, DP)
     ok_d = ds < D
     hs = tl.arange(0, H)
@@ -138,13 +207,51 @@ def _mlp_pass_kernel(g_ptr, p_ptr, m_ptr, v_ptr, n, D, amount, rms_eps,
         w = tl.load(wh_ptr + i * H * H + hs[:, None] * H + hs[None, :])
         h = tl.maximum(tl.dot(h, w, input_precision="ieee") + tl.load(bh_ptr + i * H + hs)[None, :], 0.0)
 
-    d = tl.sum(h * tl.load(wdir_ptr + hs)[None, :], axis=1) + b_dir
-    mag = tl.sum(h * tl.load(wmag_ptr + hs)[None, :], axis=1) + b_mag
+    d = tl.sum(h * tl.load(wdir_ptr + hs)[None, :], axis=1) + tl.load(bout_ptr)
+    mag = tl.sum(h * tl.load(wmag_ptr + hs)[None, :], axis=1) + tl.load(bout_ptr + 1)
     if freeze:  # never a non-zero gradient: no step
         live = tl.sum(tl.where(v != 0.0, 1.0, 0.0), axis=1) > 0
         d = tl.where(live, d, 0.0)
+    lr, decay = tl.load(lr_ptr + t), tl.load(decay_ptr + t)
     tl.store(p_ptr + rows, p * decay - lr * (d * tl.exp(rate * mag)), mask=ok)
     tl.store(part_ptr + pid * H + hs, tl.sum(tl.where(ok[:, None], h, 0.0), axis=0))
+
+
+def mlp_pass_table(gs, ps, ms, vs, amount, rms_eps: float, w0s, bias0, hidden_w, hidden_b, w_dir, w_mag,
+                   b_out, rate: float, lr, decay, freeze: bool):
+    """The MLP pass over flat float32 tensors, one launch for all: ``gs[i]``, ``ps[i]`` (n_i,),
+    accumulators ``ms[i]``, ``vs[i]`` (n_i, D) already updated by the first pass; ``w0s`` (T, E,
+    H) each tensor's first-layer rows with its column scales folded in, ``bias0`` (T, H) its
+    first-layer bias with the constants folded in, ``hidden_w``/``hidden_b`` the hidden
+    layers, ``w_dir``/``w_mag`` (H,) and ``b_out`` (2,) the two per-element outputs, ``lr`` and
+    ``decay`` (T,) per tensor (tensors, or numbers for all). Updates each ``ps[i]`` in place;
+    returns each tensor's sum of the last hidden layer over its elements, (T, H)."""
+    D = ms[0].shape[-1]
+    T, E, H = w0s.shape
+    if D > DP:
+        raise ValueError(f"the Triton kernel takes at most {DP} decays, got {D}")
+    if T != len(ps):
+        raise ValueError(f"w0s holds {T} tensors' first layers for {len(ps)} tensors")
+    _check([*gs, *ps, *ms, *vs], "tensors")
+    _check([w0s, bias0], "weights")
+    dev = ps[0].device
+    table = _Table([p.numel() for p in ps], dev)
+    part = torch.empty(table.n_blocks, H, dtype=torch.float32, device=dev)
+    if hidden_w:
+        wh = torch.stack([w.contiguous() for w in hidden_w]).contiguous()
+        bh = torch.stack([b.contiguous() for b in hidden_b]).contiguous()
+    else:  # no hidden layer: the kernel's loop does not run
+        wh = bh = torch.zeros(1, dtype=torch.float32, device=dev)
+    per_tensor = [torch.as_tensor(x, dtype=torch.float32, device=dev).reshape(-1).expand(T).contiguous()
+                  for x in (lr, decay)]
+    _mlp_pass_kernel[(table.n_blocks,)](table.pointers(gs), table.pointers(ps), table.pointers(ms),
+                                        table.pointers(vs), table.owner, table.first, table.numel, D,
+                                        _amount(amount, dev), float(rms_eps), w0s, bias0, wh, bh,
+                                        w_dir.contiguous(), w_mag.contiguous(),
+                                        torch.as_tensor(b_out, dtype=torch.float32, device=dev).contiguous(),
+                                        float(rate), *per_tensor, bool(freeze), part,
+                                        BLOCK=BLOCK, DP=DP, H=H, E=E, HIDDEN=len(hidden_w))
+    return torch.zeros(T, H, dtype=torch.float32, device=dev).index_add_(0, table.owner.long(), part)
 
 
 def mlp_pass(g, p, m, v, amount: float, rms_eps: float, w0s, bias0, hidden_w, hidden_b, w_dir, w_mag,
@@ -154,21 +261,8 @@ def mlp_pass(g, p, m, v, amount: float, rms_eps: float, w0s, bias0, hidden_w, hi
     its column scales folded in, ``bias0`` (H,) its first-layer bias with the constants folded
     in, ``hidden_w``/``hidden_b`` the hidden layers' weights. Updates ``p`` in place; returns
     the sum of the last hidden layer over the elements, (H,)."""
-    n, D = p.numel(), m.shape[-1]
-    H = bias0.shape[0]
-    if D > DP:
-        raise ValueError(f"the Triton kernel takes at most {DP} decays, got {D}")
     if any(x.dtype != torch.float32 for x in (g, p, m, v, w0s, bias0)):
         raise TypeError("the Triton kernel computes in float32")
-    blocks = triton.cdiv(n, BLOCK)
-    part = torch.empty(blocks, H, dtype=torch.float32, device=p.device)
-    if hidden_w:
-        wh = torch.stack([w.contiguous() for w in hidden_w]).contiguous()
-        bh = torch.stack([b.contiguous() for b in hidden_b]).contiguous()
-    else:  # no hidden layer: the kernel's loop does not run
-        wh = bh = torch.zeros(1, dtype=torch.float32, device=p.device)
-    _mlp_pass_kernel[(blocks,)](g.contiguous(), p, m.contiguous(), v.contiguous(), n, D, float(amount), float(rms_eps),
-                                w0s.contiguous(), bias0.contiguous(), wh, bh, w_dir.contiguous(), w_mag.contiguous(),
-                                float(b_dir), float(b_mag), float(rate), float(lr), float(decay), bool(freeze), part,
-                                BLOCK=BLOCK, DP=DP, H=H, HIDDEN=len(hidden_w))
-    return part.sum(0)
+    return mlp_pass_table([g], [p], [m.contiguous()], [v.contiguous()], amount, rms_eps,
+                          w0s.contiguous().unsqueeze(0), bias0.contiguous().unsqueeze(0), hidden_w, hidden_b,
+                          w_dir, w_mag, [b_dir, b_mag], rate, lr, decay, freeze)[0]

@@ -81,6 +81,35 @@ def test_the_kernel_refuses_what_it_cannot_take():
         mlp_pass(grad.double(), p, m, v, 0.05, 1e-6, w0s, bias0, [], [], w0s[0], w0s[0], 0.0, 0.0, 1e-3, 1e-3, 1.0, False)
 
 
+def test_one_launch_over_a_tensor_table_equals_one_launch_per_tensor():
+    """Tensors of several sizes (one of a single element, one not a multiple of the block) with
+    their own lr, weight decay and folded first layer, through one launch of each kernel."""
+    from learned_opt.triton_kernels import mlp_pass, mlp_pass_table, stats_pass, stats_pass_table
+
+    cfg = ArchConfig(freeze_untouched=True, rms_eps=1e-10)
+    L = cfg.mlp_layers
+    cases = [_case(n, cfg, seed=s, dead=min(n, 3)) for s, n in enumerate((1, 200, 64, 1000))]
+    w = cases[0][4]
+    hidden = ([w[f"mlp_w{i}"] for i in range(1, L)], [w[f"mlp_b{i}"] for i in range(1, L)])
+    out = (w[f"mlp_w{L}"][:, 0], w[f"mlp_w{L}"][:, 1], w[f"mlp_b{L}"][:2])
+    lrs, decays = [1e-2, 3e-3, 1e-3, 2e-2], [0.999, 1.0, 0.99, 0.9999]
+    grads, ps, ms, vs = ([c[i].clone() for c in cases] for i in range(4))
+    rows, sq, owner = stats_pass_table(grads, ps, ms, vs, 0.05, cfg.rms_eps, cfg.decays)
+    hs = mlp_pass_table(grads, ps, ms, vs, 0.05, cfg.rms_eps, torch.stack([c[5] for c in cases]),
+                        torch.stack([c[6] for c in cases]), *hidden, out[0], out[1], out[2], cfg.magnitude_rate,
+                        torch.tensor(lrs, device=DEVICE), torch.tensor(decays, device=DEVICE), cfg.freeze_untouched)
+    for i, (grad, p, m, v, _, w0s, bias0) in enumerate(cases):
+        p, m, v = p.clone(), m.clone(), v.clone()
+        r1, q1 = stats_pass(grad, p, m, v, 0.05, cfg.rms_eps, cfg.decays)
+        h1 = mlp_pass(grad, p, m, v, 0.05, cfg.rms_eps, w0s, bias0, *hidden, out[0], out[1], float(out[2][0]),
+                      float(out[2][1]), cfg.magnitude_rate, lrs[i], decays[i], cfg.freeze_untouched)
+        mine = owner == i
+        assert torch.equal(rows[mine], r1) and torch.equal(sq[mine], q1)
+        assert torch.equal(ms[i], m) and torch.equal(vs[i], v)
+        assert torch.equal(ps[i], p)
+        torch.testing.assert_close(hs[i], h1, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("n", [1, 100, 1000])
 def test_the_statistics_kernel_equals_the_fast_path(n):
     from learned_opt import fast
@@ -112,10 +141,11 @@ def test_steps_through_the_kernels_equal_the_pytorch_path(cfg, monkeypatch):
     from learned_opt import triton_kernels
     from learned_opt.functional import init_state, lopt_step
 
-    calls = []
-    for name in ("stats_pass", "mlp_pass"):
+    calls = []  # (kernel, how many tensors in its table)
+    for name in ("stats_pass_table", "mlp_pass_table"):
         real = getattr(triton_kernels, name)
-        monkeypatch.setattr(triton_kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        monkeypatch.setattr(triton_kernels, name,
+                            lambda *a, _real=real, _name=name: calls.append((_name, len(a[0]))) or _real(*a))
     monkeypatch.setenv("LEARNED_OPT_NATIVE", "0")
     w = {k: x.detach().to(DEVICE) for k, x in random_weights(seed=4, config=cfg).weights().items()}
     g = torch.Generator().manual_seed(9)
@@ -133,7 +163,8 @@ def test_steps_through_the_kernels_equal_the_pytorch_path(cfg, monkeypatch):
                 ps, st = lopt_step(w, ps, grads, st, loss=2.0 - 0.1 * t, cfg=cfg, inplace=True, chunk_size=1024,
                                    triton=use)
         out[use] = ps
-    assert calls.count("stats_pass") == calls.count("mlp_pass") == 3 * 2  # the two large tensors, each step
+    # one launch of each kernel per step, its table holding the two large tensors
+    assert calls == [("stats_pass_table", 2), ("mlp_pass_table", 2)] * 3
     for a, b, s in zip(out[True], out[False], start):
         moved = (b - s).abs().max()
         assert moved > 0
