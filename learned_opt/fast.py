@@ -94,6 +94,7 @@ class _Work(NamedTuple):
     originals: Tuple[List[Tensor], List[Tensor], List[Tensor]]  # params, mom, rms as given
     native: frozenset  # large tensors whose first pass ran in a kernel (the compiled CPU one or Triton)
     kernel: str  # which: "native", "triton" or ""
+    grad_scale: Optional[Tensor]  # () factor the gradients are read with (scale_free), None: 1
 
 
 def _chunks(work_or_lists, plan: _Plan):
@@ -147,7 +148,10 @@ def _join(parts: List[Tensor]) -> Tensor:
 
 def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None,
                       inplace: bool = False, shard: Optional[Sharding] = None, use_native: bool = True,
-                      use_triton: bool = False):
+                      use_triton: bool = False, grad_scale: Optional[Tensor] = None):
+    """The first pass. ``grad_scale`` (a 0-d tensor, or None for 1): every gradient is read
+    multiplied by it, chunk by chunk or inside the kernels, so that no scaled copy of all the
+    gradients is made (``ArchConfig.scale_free``)."""
     dev, dt = params[0].device, params[0].dtype
     chunk = chunk_size or default_chunk(dev)
     D = cfg.n_decays
@@ -189,21 +193,24 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
         order = sorted(native_t)
         r, q, owner = triton_kernels.stats_pass_table([G[t] for t in order], [P[t] for t in order],
                                                       [M[t] for t in order], [V[t] for t in order],
-                                                      amount, cfg.rms_eps, cfg.decays)
+                                                      amount, cfg.rms_eps, cfg.decays, grad_scale=grad_scale)
         rows.append(r)
         sqs.append(q.to(dt))
         ids.append(torch.tensor(order, dtype=torch.long, device=dev).index_select(0, owner))
     elif native_t:
         amt = float(amount)
+        gs = 1.0 if grad_scale is None else float(grad_scale)
         kernel = native.get(wait=False)
         for t in sorted(native_t):
-            r, q = kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps)
+            r, q = kernel.stats_pass(G[t], P[t], M[t], V[t], amt, b, one_b, cfg.rms_eps, gs)
             rows.append(r)
             sqs.append(q.to(dt))
             ids.append(torch.full((r.shape[0],), t, dtype=torch.long, device=dev))
     for t, seg, p, g, m, v in _chunks((P, G, M, V, pack), plan):
         if t in native_t:
             continue
+        if grad_scale is not None:
+            g = g * grad_scale.to(dt)
         g = torch.clamp(g, -amount, amount)
         # the same operations as the reference, rounding included: a mean of m that nearly
         # cancels makes the log|mean| statistic sensitive to the last bit (no fused addcmul)
@@ -268,7 +275,7 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     raw = combine_rows(R, idx, n64, D)
     scale = column_scale(sq / n.unsqueeze(-1), cfg)
     work = _Work(P, G, M, V, pack, amount, [x.shape for x in params], n, plan, scale, inplace,
-                 (list(params), list(mom), list(rms)), frozenset(native_t), kind if native_t else "")
+                 (list(params), list(mom), list(rms)), frozenset(native_t), kind if native_t else "", grad_scale)
     return work, raw
 
 
@@ -406,16 +413,17 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
                                            [V[t] for t in order], work.amount, cfg.rms_eps,
                                            w0s.index_select(0, sel).contiguous(), bias0.index_select(0, sel).contiguous(),
                                            hidden_w, hidden_b, w_dir, w_mag, bl[:2], rate, lr.index_select(0, sel),
-                                           decay.index_select(0, sel), cfg.freeze_untouched)
+                                           decay.index_select(0, sel), cfg.freeze_untouched, grad_scale=work.grad_scale)
         hsums.append(torch.zeros(T, hs.shape[-1], dtype=dt, device=dev).index_copy(0, sel, hs.to(dt)))
         ids.append(None)
     elif native_t:
         kernel = native.get()
         amount = float(work.amount)
+        gs = 1.0 if work.grad_scale is None else float(work.grad_scale)
         for t in sorted(native_t):
             hs = kernel.mlp_pass(G[t], P[t], M[t], V[t], amount, cfg.rms_eps, w0s[t].contiguous(),
                                  bias0[t].contiguous(), hidden_w, hidden_b, w_dir, w_mag, float(b_dir),
-                                 float(b_mag), rate, float(lr[t]), float(decay[t]), cfg.freeze_untouched)
+                                 float(b_mag), rate, float(lr[t]), float(decay[t]), cfg.freeze_untouched, gs)
             hsums.append(hs.to(dt))
             ids.append(t)
     def apply(t, seg, p, step):
@@ -436,6 +444,8 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
         if t in native_t:
             continue
         seg = None if seg is None else seg[0]
+        if work.grad_scale is not None:
+            g = g * work.grad_scale.to(dt)
         cols = element_columns(torch.clamp(g, -work.amount, work.amount), p, m, v, cfg)
         if seg is None:
             h = torch.addmm(bias0[t], cols, w0s[t]).relu_()

@@ -144,7 +144,8 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
               functools.partial(fast.mlp_update, chunk_size=chunk_size, shard=shard))
     new_p, glob, tensors = _orchestrate(passes, weights, [params[i] for i in active], [grads[i] for i in active],
                                         [state.tensors[i] for i in active], state.glob, loss,
-                                        [lrs[i] for i in active], [wds[i] for i in active], maximize, cfg, shard)
+                                        [lrs[i] for i in active], [wds[i] for i in active], maximize, cfg, shard,
+                                        scale_in_passes=True)
     out_params, out_tensors = list(params), list(state.tensors)
     for j, i in enumerate(active):
         out_params[i] = new_p[j].to(params[i].dtype)
@@ -202,13 +203,25 @@ def _stack(trees):
     return tree_unflatten([torch.stack(xs) for xs in zip(*(lv for lv, _ in leaves))], leaves[0][1])
 
 
+def _mean_square(x: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """The float64 mean of x^2, a chunk at a time (no float64 copy of a large tensor)."""
+    flat = x.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for c in flat.split(chunk):
+        total = total + c.to(torch.float64).pow(2).sum()
+    return total / max(flat.numel(), 1)
+
+
 def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: Optional[Tensor],
-                 lrs, wds, maximize: bool, cfg: ArchConfig, shard: Optional[fast.Sharding] = None):
+                 lrs, wds, maximize: bool, cfg: ArchConfig, shard: Optional[fast.Sharding] = None,
+                 scale_in_passes: bool = False):
     """The step of the fast paths, for one optimizer (``glob.step`` of shape ``()``) or a
     population (global fields ``(M,)``, every tensor with the member dimension first): loss
     features, the gradients' scale, the two passes over the elements (``passes``: statistics,
     then MLP and update) around the per-tensor LSTM. Returns the new parameters (compute
-    dtype), the new global state and the new tensor states."""
+    dtype), the new global state and the new tensor states. ``scale_in_passes`` (one optimizer,
+    the passes of ``fast``): the passes read the gradients times the ``scale_free`` factor
+    themselves, so that no scaled copy of every gradient is made."""
     lead = glob.step.shape
     k, f64 = len(lead), torch.float64
     dt = compute_dtype(P)
@@ -223,6 +236,7 @@ def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: 
 
     # step 1: the loss features, and the gradients in units of the first one's RMS
     step0, from_lstm0 = glob.step, glob.from_lstm
+    grad_scale = None  # the factor the passes read the gradients with (scale_in_passes)
     if loss is None:
         train_feat = torch.zeros(lead, dtype=f64, device=step0.device)
     else:
@@ -235,6 +249,13 @@ def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: 
             mean_sq = torch.zeros((), dtype=f64, device=step0.device)  # unused once grad_ref is set
         glob, factor = gradient_factor(glob, mean_sq, cfg)
         G = [x * factor.to(dt) for x in G]
+    elif cfg.scale_free and scale_in_passes and k == 0:
+        if bool((glob.grad_ref == 0).any()):  # the mean square, chunk by chunk: no float64 copies
+            mean_sq = torch.stack([_mean_square(x) for x in G]).mean()
+        else:
+            mean_sq = torch.zeros((), dtype=f64, device=step0.device)  # unused once grad_ref is set
+        glob, factor = gradient_factor(glob, mean_sq, cfg)
+        grad_scale = factor.to(dt)
     elif cfg.scale_free:
         mean_sq = torch.stack([x.reshape(tuple(lead) + (-1,)).to(f64).pow(2).mean(-1) for x in G]).mean(0)
         glob, factor = gradient_factor(glob, mean_sq, cfg)
@@ -243,7 +264,7 @@ def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: 
     amount = clip_amount(glob, cfg).to(dt)
 
     # steps 2-3: clip, accumulators, per-tensor statistics
-    work, raw = passes[0](P, G, Mo, V, amount, cfg)
+    work, raw = passes[0](P, G, Mo, V, amount, cfg, **({} if grad_scale is None else {"grad_scale": grad_scale}))
     glob = update_clipper(glob, raw[..., 7] / torch.tensor(numels, dtype=raw.dtype, device=raw.device), cfg)
 
     # step 4: the per-tensor LSTM (a population's biases broadcast over its tensors)

@@ -71,8 +71,9 @@ def _ptr(table, t):
 
 
 @triton.jit
-def _stats_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_ptr, D, amount_ptr, rms_eps,
-                       decays_ptr, rows_ptr, sq_ptr, BLOCK: tl.constexpr, DP: tl.constexpr, E_PAD: tl.constexpr):
+def _stats_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_ptr, D, amount_ptr, gscale_ptr,
+                       rms_eps, decays_ptr, rows_ptr, sq_ptr, BLOCK: tl.constexpr, DP: tl.constexpr,
+                       E_PAD: tl.constexpr):
     pid = tl.program_id(0)
     t, rows, ok = _block(pid, owner_ptr, first_ptr, numel_ptr, BLOCK)
     g_ptr, p_ptr, m_ptr, v_ptr = _ptr(g_tab, t), _ptr(p_tab, t), _ptr(m_tab, t), _ptr(v_tab, t)
@@ -82,7 +83,7 @@ def _stats_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_p
     both = ok[:, None] & ok_d[None, :]
     b = tl.load(decays_ptr + ds, mask=ok_d, other=0.0)
 
-    g = tl.load(g_ptr + rows, mask=ok, other=0.0)
+    g = tl.load(g_ptr + rows, mask=ok, other=0.0) * tl.load(gscale_ptr)
     g = tl.minimum(tl.maximum(g, -amount), amount)
     p = tl.load(p_ptr + rows, mask=ok, other=0.0)
     m = tl.load(m_ptr + rows[:, None] * D + ds[None, :], mask=both, other=0.0)
@@ -134,10 +135,11 @@ def _amount(amount, device):
     return torch.as_tensor(amount, dtype=torch.float32, device=device).reshape(1)
 
 
-def stats_pass_table(gs, ps, ms, vs, amount, rms_eps: float, decays):
+def stats_pass_table(gs, ps, ms, vs, amount, rms_eps: float, decays, grad_scale=None):
     """The first pass over flat float32 tensors, one launch for all: ``gs[i]``, ``ps[i]``
     (n_i,) and the accumulators ``ms[i]``, ``vs[i]`` (n_i, D), updated in place; ``amount``
-    the clip (a number or a one-element tensor). Returns the float64 block rows (blocks, 9),
+    the clip (a number or a one-element tensor); every gradient is read times ``grad_scale`` (a
+    number or one-element tensor; None: 1). Returns the float64 block rows (blocks, 9),
     each block's column sums of squares (blocks, E), and the index in the lists of each block's
     tensor (blocks,)."""
     D = ms[0].shape[-1]
@@ -152,7 +154,8 @@ def stats_pass_table(gs, ps, ms, vs, amount, rms_eps: float, decays):
     b = torch.as_tensor(decays, dtype=torch.float32, device=dev)
     _stats_pass_kernel[(table.n_blocks,)](table.pointers(gs), table.pointers(ps), table.pointers(ms),
                                           table.pointers(vs), table.owner, table.first, table.numel, D,
-                                          _amount(amount, dev), float(rms_eps), b, rows, sq,
+                                          _amount(amount, dev), _amount(1.0 if grad_scale is None else grad_scale, dev),
+                                          float(rms_eps), b, rows, sq,
                                           BLOCK=BLOCK, DP=DP, E_PAD=E)
     return rows, sq, table.owner.long()
 
@@ -166,7 +169,7 @@ def stats_pass(g, p, m, v, amount: float, rms_eps: float, decays):
 
 
 @triton.jit
-def _mlp_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_ptr, D, amount_ptr, rms_eps,
+def _mlp_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_ptr, D, amount_ptr, gscale_ptr, rms_eps,
                      w0_ptr, b0_ptr, wh_ptr, bh_ptr, wdir_ptr, wmag_ptr, bout_ptr,
                      rate, lr_ptr, decay_ptr, freeze, part_ptr,
                      BLOCK: tl.constexpr, DP: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
@@ -182,7 +185,7 @@ def _mlp_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_ptr
     hs = tl.arange(0, H)
     both = ok[:, None] & ok_d[None, :]
 
-    g = tl.load(g_ptr + rows, mask=ok, other=0.0)
+    g = tl.load(g_ptr + rows, mask=ok, other=0.0) * tl.load(gscale_ptr)
     g = tl.minimum(tl.maximum(g, -amount), amount)
     p = tl.load(p_ptr + rows, mask=ok, other=0.0)
     m = tl.load(m_ptr + rows[:, None] * D + ds[None, :], mask=both, other=0.0)
@@ -218,13 +221,14 @@ def _mlp_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_ptr
 
 
 def mlp_pass_table(gs, ps, ms, vs, amount, rms_eps: float, w0s, bias0, hidden_w, hidden_b, w_dir, w_mag,
-                   b_out, rate: float, lr, decay, freeze: bool):
+                   b_out, rate: float, lr, decay, freeze: bool, grad_scale=None):
     """The MLP pass over flat float32 tensors, one launch for all: ``gs[i]``, ``ps[i]`` (n_i,),
     accumulators ``ms[i]``, ``vs[i]`` (n_i, D) already updated by the first pass; ``w0s`` (T, E,
     H) each tensor's first-layer rows with its column scales folded in, ``bias0`` (T, H) its
     first-layer bias with the constants folded in, ``hidden_w``/``hidden_b`` the hidden
     layers, ``w_dir``/``w_mag`` (H,) and ``b_out`` (2,) the two per-element outputs, ``lr`` and
-    ``decay`` (T,) per tensor (tensors, or numbers for all). Updates each ``ps[i]`` in place;
+    ``decay`` (T,) per tensor (tensors, or numbers for all); gradients read times ``grad_scale``
+    (None: 1). Updates each ``ps[i]`` in place;
     returns each tensor's sum of the last hidden layer over its elements, (T, H)."""
     D = ms[0].shape[-1]
     T, E, H = w0s.shape
@@ -246,7 +250,8 @@ def mlp_pass_table(gs, ps, ms, vs, amount, rms_eps: float, w0s, bias0, hidden_w,
                   for x in (lr, decay)]
     _mlp_pass_kernel[(table.n_blocks,)](table.pointers(gs), table.pointers(ps), table.pointers(ms),
                                         table.pointers(vs), table.owner, table.first, table.numel, D,
-                                        _amount(amount, dev), float(rms_eps), w0s, bias0, wh, bh,
+                                        _amount(amount, dev), _amount(1.0 if grad_scale is None else grad_scale, dev),
+                                        float(rms_eps), w0s, bias0, wh, bh,
                                         w_dir.contiguous(), w_mag.contiguous(),
                                         torch.as_tensor(b_out, dtype=torch.float32, device=dev).contiguous(),
                                         float(rate), *per_tensor, bool(freeze), part,

@@ -145,7 +145,7 @@ def test_steps_through_the_kernels_equal_the_pytorch_path(cfg, monkeypatch):
     for name in ("stats_pass_table", "mlp_pass_table"):
         real = getattr(triton_kernels, name)
         monkeypatch.setattr(triton_kernels, name,
-                            lambda *a, _real=real, _name=name: calls.append((_name, len(a[0]))) or _real(*a))
+                            lambda *a, _real=real, _name=name, **kw: calls.append((_name, len(a[0]))) or _real(*a, **kw))
     monkeypatch.setenv("LEARNED_OPT_NATIVE", "0")
     w = {k: x.detach().to(DEVICE) for k, x in random_weights(seed=4, config=cfg).weights().items()}
     g = torch.Generator().manual_seed(9)

@@ -4,7 +4,8 @@
 // * mlp_pass (mlp_update): element columns -> MLP -> direction and magnitude -> parameter
 //   update, plus the column sum of the last hidden layer (for the per-tensor messages).
 //
-// Nothing of size n is allocated: in mlp_pass each group of three elements is carried from its
+// Both read the gradient times gscale (ArchConfig.scale_free's factor), so that no scaled copy
+// of the gradients is made. Nothing of size n is allocated: in mlp_pass each group of three elements is carried from its
 // inputs to its update in registers and a few small stack arrays (one tile of 24 rows). Vectors are GCC/Clang vector extensions,
 // so the compiler maps them to the machine's own SIMD (AVX2, AVX-512, NEON). Rows are taken
 // three at a time so that every weight vector loaded serves three rows; the per-element
@@ -155,7 +156,8 @@ template <int HV>
 void run(const float* g, float* p, const float* m, const float* v, int64_t n, int D, float amount,
          float rms_eps, const float* w0, const float* b0, const std::vector<const float*>& ws,
          const std::vector<const float*>& bs, const float* wdir, const float* wmag, float bdir,
-         float bmag, float rate, float lr, float decay, bool freeze, float* partial /* (blocks, H) */) {
+         float bmag, float rate, float lr, float decay, bool freeze, float gscale,
+         float* partial /* (blocks, H) */) {
   constexpr int H = HV * 8;
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t blo, int64_t bhi) {
     alignas(32) float h[kR][kMaxHidden], t[kR][kMaxHidden];
@@ -175,7 +177,7 @@ void run(const float* g, float* p, const float* m, const float* v, int64_t n, in
           mrs[j] = mt[j] * rs[j];
         }
         for (int r = 0; r < rows; ++r) {
-          gc[r] = clip(g[t0 + r], amount);
+          gc[r] = clip(g[t0 + r] * gscale, amount);
           pc[r] = p[t0 + r];
           lp[r] = std::fabs(pc[r]) + 1e-8f;
         }
@@ -270,7 +272,7 @@ torch::Tensor mlp_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch:
                        double amount, double rms_eps, torch::Tensor w0, torch::Tensor b0,
                        std::vector<torch::Tensor> ws, std::vector<torch::Tensor> bs, torch::Tensor wdir,
                        torch::Tensor wmag, double bdir, double bmag, double rate, double lr, double decay,
-                       bool freeze) {
+                       bool freeze, double gscale) {
   const int64_t n = p.numel();
   const int D = (int)(m.numel() / std::max<int64_t>(n, 1));
   const int H = (int)w0.size(1);
@@ -291,7 +293,7 @@ torch::Tensor mlp_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch:
   run_width(H, g.data_ptr<float>(), p.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), n, D,
             (float)amount, (float)rms_eps, w0.data_ptr<float>(), b0.data_ptr<float>(), wp, bp,
             wdir.data_ptr<float>(), wmag.data_ptr<float>(), (float)bdir, (float)bmag, (float)rate, (float)lr,
-            (float)decay, freeze, partial.data_ptr<float>());
+            (float)decay, freeze, (float)gscale, partial.data_ptr<float>());
   return partial.to(torch::kDouble).sum(0);
 }
 
@@ -326,7 +328,7 @@ inline double centred_sq(const float* x, int64_t n, double mean) {
 __attribute__((optimize("fp-contract=off")))
 #endif
 void stats_run(const float* g, const float* p, float* m, float* v, int64_t n, int D, float amount,
-               const float* b, const float* one_b, float rms_eps, double* rows, double* sqs) {
+               const float* b, const float* one_b, float rms_eps, float gscale, double* rows, double* sqs) {
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
@@ -351,7 +353,7 @@ void stats_run(const float* g, const float* p, float* m, float* v, int64_t n, in
         for (int r = 0; r < rows; ++r) lp[r] = std::fabs(p[t + r]) + 1e-8f;
         log_n<kTile>(lp, lp, rows);
         for (int r = 0; r < rows; ++r) {
-          const float gi = clip(g[t + r], amount);
+          const float gi = clip(g[t + r] * gscale, amount);
           const float gg = gi * gi;
           for (int d = 0; d < D; ++d) {
             ge[r * D + d] = gi;
@@ -420,7 +422,8 @@ void stats_run(const float* g, const float* p, float* m, float* v, int64_t n, in
 
 // Returns (rows (blocks, 9), column square sums (blocks, E)), both float64; m and v updated.
 std::vector<torch::Tensor> stats_pass(torch::Tensor g, torch::Tensor p, torch::Tensor m, torch::Tensor v,
-                                      double amount, torch::Tensor b, torch::Tensor one_b, double rms_eps) {
+                                      double amount, torch::Tensor b, torch::Tensor one_b, double rms_eps,
+                                      double gscale) {
   const int64_t n = p.numel();
   const int D = (int)(m.numel() / std::max<int64_t>(n, 1));
   TORCH_CHECK(D >= 1 && D <= 16 && b.numel() == D && one_b.numel() == D, "decay count mismatch");
@@ -432,7 +435,7 @@ std::vector<torch::Tensor> stats_pass(torch::Tensor g, torch::Tensor p, torch::T
   auto rows = torch::zeros({blocks, 9}, opts);
   auto sqs = torch::zeros({blocks, 3 + 4 * D}, opts);
   stats_run(g.data_ptr<float>(), p.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), n, D,
-            (float)amount, b.data_ptr<float>(), one_b.data_ptr<float>(), (float)rms_eps,
+            (float)amount, b.data_ptr<float>(), one_b.data_ptr<float>(), (float)rms_eps, (float)gscale,
             rows.data_ptr<double>(), sqs.data_ptr<double>());
   return {rows, sqs};
 }
@@ -482,7 +485,7 @@ torch::Tensor mlp_pass_members(torch::Tensor g, torch::Tensor p, torch::Tensor m
               v.data_ptr<float>() + i * n * D, n, D, (float)amounts[i], (float)rms_eps,
               w0.data_ptr<float>() + i * E * H, b0.data_ptr<float>() + i * H, wp, bp,
               wdir.data_ptr<float>() + i * H, wmag.data_ptr<float>() + i * H, (float)bdir[i], (float)bmag[i],
-              (float)rate, (float)lr, (float)decay, freeze, partial.data_ptr<float>() + i * blocks * H);
+              (float)rate, (float)lr, (float)decay, freeze, 1.0f, partial.data_ptr<float>() + i * blocks * H);
   }
   return partial.to(torch::kDouble).sum(1);
 }
@@ -509,7 +512,7 @@ std::vector<torch::Tensor> stats_pass_members(torch::Tensor g, torch::Tensor p, 
   for (int64_t i = 0; i < M; ++i)
     stats_run(g.data_ptr<float>() + i * n, p.data_ptr<float>() + i * n, m.data_ptr<float>() + i * n * D,
               v.data_ptr<float>() + i * n * D, n, D, (float)amounts[i], b.data_ptr<float>(),
-              one_b.data_ptr<float>(), (float)rms_eps, rows.data_ptr<double>() + i * blocks * 9,
+              one_b.data_ptr<float>(), (float)rms_eps, 1.0f, rows.data_ptr<double>() + i * blocks * 9,
               sqs.data_ptr<double>() + i * blocks * E);
   return {rows, sqs};
 }
