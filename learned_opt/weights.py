@@ -32,7 +32,7 @@ from .network import MetaNetwork, parameter_shapes
 FORMAT = "learned_opt.rnn_mlp"
 FORMAT_VERSION = "1"
 # The weights ``LearnedOptimizer(params)`` loads when given no ``weights`` argument.
-DEFAULT_WEIGHTS = "rnn-mlp-pes-eps-v4"
+DEFAULT_WEIGHTS = "rnn-mlp-pes-gen-v5"
 
 
 class WeightsError(ValueError):

@@ -157,8 +157,9 @@ def test_scale_free_gradients_are_in_units_of_the_first_non_zero_one():
     assert factor.item() == pytest.approx(BOTH.grad_reference / st.glob.grad_ref.item())
 
 
-def test_optimizer_with_zero_gradients_changes_nothing():
-    net = _net()
+@pytest.mark.parametrize("default", [False, True], ids=["random weights with the option", "the shipped default"])
+def test_optimizer_with_zero_gradients_changes_nothing(default):
+    net = None if default else _net()  # None: LearnedOptimizer's default weights
     model = nn.Sequential(nn.Embedding(20, 8, padding_idx=0), nn.Flatten(), nn.Linear(24, 3))
     before = [p.detach().clone() for p in model.parameters()]
     opt = LearnedOptimizer(model.parameters(), weights=net)
