@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional as F
+from . import ops
 from .network import MetaNetwork
 from .weights import WeightsInfo, checksum, load_weights
 
@@ -42,6 +43,8 @@ _GLOBAL_KEYS = {  # state key -> GlobalState field
     "valid_loss_var": "valid_var", "valid_loss_count": "valid_count",
     "clip_t": "clip_t", "clip_value": "clip_value", "from_lstm": "from_lstm", "grad_ref": "grad_ref",
 }
+# the GlobalState fields' state keys, in the fields' order (the custom op's argument order)
+_GLOBAL_ORDER = tuple({f: k for k, f in _GLOBAL_KEYS.items()}[f] for f in F.GlobalState._fields)
 _UNSUPPORTED = ("foreach", "fused", "capturable", "differentiable")
 
 
@@ -63,15 +66,10 @@ def _check_number(name: str, value: Any) -> None:
         raise ValueError(_INVALID[name].format(value) + " (must be finite and >= 0)")
 
 
-def _scalar(value: Union[float, Tensor]) -> float:
-    """A group's lr or weight decay as a Python number (a Tensor of any 1-element shape)."""
-    return float(value.detach().reshape(())) if isinstance(value, Tensor) else float(value)
-
-
 def _not_compiled(fn):
     """``torch.compiler.disable`` with its reason where this torch takes one."""
-    reason = ("LearnedOptimizer.step runs eagerly: its compiled CPU kernel and data-dependent "
-              "chunking do not trace")
+    reason = ("LearnedOptimizer's step on DTensor (FSDP2) parameters runs eagerly: a custom op "
+              "cannot take DTensors")
     try:
         return torch.compiler.disable(fn, reason=reason)
     except TypeError:  # torch before the reason argument
@@ -118,17 +116,6 @@ def _sharded_like(p, local: Tensor) -> Tensor:
     shape = torch.Size((*p.shape, local.shape[-1]))
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
-
-
-def _all_finite(tensors) -> bool:
-    """Whether every element of every tensor is finite. The fused per-tensor 2-norms are fast
-    but overflow to inf on finite values beyond ~1e19, so a non-finite answer is confirmed
-    with the exact per-tensor max-abs (slower, only then)."""
-    if not tensors:
-        return True
-    if bool(torch.stack([x.float() for x in torch._foreach_norm(tensors, 2)]).isfinite().all()):
-        return True
-    return bool(torch.stack([x.float() for x in torch._foreach_norm(tensors, float("inf"))]).isfinite().all())
 
 
 class LearnedOptimizer(Optimizer):
@@ -197,6 +184,9 @@ class LearnedOptimizer(Optimizer):
             net, info = load_weights(weights)
         self.meta_config = net.config
         self.weights_info = info
+        self._config_json = net.config.to_json()
+        # the identity saved with the state, made here once (the step may be traced)
+        self._identity = (_as_bytes(info.name), _as_bytes(self._config_json))
         self._weights = {k: v.detach().clone() for k, v in net.weights().items()}
         self._weights_cache: Dict[Any, Dict[str, Tensor]] = {}
 
@@ -246,10 +236,10 @@ class LearnedOptimizer(Optimizer):
             g = F.init_global_state(self._weights, self.meta_config, self._anchor().device)
             for key, field in _GLOBAL_KEYS.items():
                 st[key] = getattr(g, field)
-            st["nonfinite_skips"] = 0
+            st["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=self._anchor().device)
             st["weights_checksum"] = self.weights_info.checksum_int
-            st["weights_name"] = _as_bytes(self.weights_info.name)
-            st["weights_config"] = _as_bytes(self.meta_config.to_json())
+            st["weights_name"] = self._identity[0].clone()
+            st["weights_config"] = self._identity[1].clone()
         return st
 
     @staticmethod
@@ -314,6 +304,8 @@ class LearnedOptimizer(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._weights_cache = {}
+        self._config_json = self.meta_config.to_json()
+        self._identity = (_as_bytes(self.weights_info.name), _as_bytes(self._config_json))
         self._observed = None
         self.__dict__.setdefault("loss_group", "auto")
         # as torch.optim.Adam does: groups saved without an option get its default, and
@@ -325,6 +317,9 @@ class LearnedOptimizer(Optimizer):
             for key, field in _GLOBAL_KEYS.items():
                 if key in st and field != "from_lstm" and not torch.is_tensor(st[key]):
                     st[key] = torch.tensor(float(st[key]), dtype=torch.float64)
+            if "nonfinite_skips" in st and not torch.is_tensor(st["nonfinite_skips"]):  # saved as a number
+                st["nonfinite_skips"] = torch.tensor(int(st["nonfinite_skips"]), dtype=torch.int64,
+                                                     device=st["step"].device if "step" in st else None)
             if "step" in st and "grad_ref" not in st:  # a state saved before grad_ref existed
                 st["grad_ref"] = torch.zeros((), dtype=torch.float64, device=st["step"].device)
 
@@ -360,15 +355,16 @@ class LearnedOptimizer(Optimizer):
         total, count = self._observed if self._observed is not None else (0.0, 0)
         self._observed = (total + loss, count + 1)
 
-    @_not_compiled
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None, *, loss=None):
         """One optimisation step. Returns the loss (the closure's, or the one passed).
 
-        ``torch.compile`` leaves it out of the graph and runs it eagerly (its compiled CPU
-        kernel and data-dependent chunking do not trace): compiling a training step that calls
-        it, or ``opt.step`` itself, with or without ``fullgraph=True``, costs no compile time
-        for the step and runs it at eager speed."""
+        The step itself is one custom op (``learned_opt::step_``, :mod:`learned_opt.ops`), so
+        ``torch.compile(opt.step)``, or a compiled training step that calls it, traces it
+        without a graph break (``fullgraph=True`` included); the op runs eagerly inside the
+        compiled code, at eager speed. A ``Tensor`` lr lets a scheduler change it without a
+        recompile, as with torch's own optimizers. DTensor (FSDP2) parameters take an eager
+        step that ``torch.compile`` leaves out of the graph."""
         if closure is not None:
             if loss is not None:
                 raise ValueError("pass the loss either through the closure or as loss=, not both")
@@ -383,7 +379,7 @@ class LearnedOptimizer(Optimizer):
                     raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
                 loss_value = loss.detach()
             else:
-                loss_value = float(loss)
+                loss_value = torch.tensor(float(loss), dtype=torch.float64)
             # maximising: the features must see the objective the step descends on
             groups = [g for g in self.param_groups if g["params"]]
             if groups and all(g["maximize"] for g in groups):
@@ -392,79 +388,87 @@ class LearnedOptimizer(Optimizer):
         else:
             loss_value = None
 
-        params, grads, owners, lrs, wds, layout = [], [], [], [], [], []
+        entries = []  # (parameter, its group), for the parameters that have a gradient
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
-                if g.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
                 if not p.is_floating_point() and not p.is_complex():
                     raise RuntimeError(f"cannot optimise a parameter of dtype {p.dtype}")
-                if _is_dtensor(p):  # FSDP2 / tensor parallel: this rank's piece
-                    pr, g, where = _local_piece(p, g)
-                    layout.append(where)
-                elif p.is_complex():
-                    pr, g = torch.view_as_real(p), torch.view_as_real(g)
-                    layout.append((pr.shape, False, None))
-                else:
-                    pr = p
-                    layout.append((p.shape, False, None))
-                params.append(pr)
-                grads.append(-g if group["maximize"] else g)
-                owners.append(p)
-                lrs.append(_scalar(group["lr"]))
-                wds.append(_scalar(group["weight_decay"]))
-        if not params:
+                entries.append((p, group))
+        if not entries:
             return loss
-        devices = {p.device for p in params}
+        devices = {p.device for p, _ in entries}
         if len(devices) > 1:
             raise RuntimeError(f"LearnedOptimizer needs all parameters on one device, got {devices}")
-
-        shard = _sharding_of(layout)
-        nonempty = [g for g in grads if g.numel()]
-        finite = _all_finite(nonempty)
-        if shard is not None:  # every rank skips, or none: each sees only its pieces
-            flag = torch.tensor([1.0 if finite else 0.0], device=params[0].device)
-            finite = bool(shard.sum(flag).item() == torch.distributed.get_world_size(shard.group))
-        glob_st = self._global_state()
-        if not finite:
-            glob_st["nonfinite_skips"] += 1
-            warnings.warn("LearnedOptimizer: non-finite gradient, step skipped "
-                          f"({glob_st['nonfinite_skips']} so far)", RuntimeWarning, stacklevel=2)
+        if any(_is_dtensor(p) for p, _ in entries):
+            self._step_sharded(entries, loss_value)
             return loss
+        params = [torch.view_as_real(p) if p.is_complex() else p for p, _ in entries]
+        grads = [torch.view_as_real(p.grad) if p.is_complex() else p.grad for p, _ in entries]
+        grads = [-g if group["maximize"] else g for g, (_, group) in zip(grads, entries)]
+        self._run(entries, params, grads, loss_value, None)
+        return loss
 
+    @_not_compiled
+    def _step_sharded(self, entries, loss_value) -> None:
+        """The step where some parameters are DTensors: each rank steps its local pieces, with
+        every per-tensor statistic reduced over the shards' process group."""
+        params, grads, layout = [], [], []
+        for p, group in entries:
+            if _is_dtensor(p):
+                pr, g, where = _local_piece(p, p.grad)
+            elif p.is_complex():
+                pr, g, where = torch.view_as_real(p), torch.view_as_real(p.grad), None
+            else:
+                pr, g, where = p, p.grad, None
+            layout.append(where if where is not None else (pr.shape, False, None))
+            params.append(pr)
+            grads.append(-g if group["maximize"] else g)
+        self._run(entries, params, grads, loss_value, _sharding_of(layout))
+
+    def _run(self, entries, params, grads, loss_value, shard) -> None:
+        """Creates missing state, then runs the step on ``params`` (the tensors the step
+        writes: the parameters, their real views or their local pieces) through the custom op,
+        or, for sharded tensors, its body with the sharding."""
         weights = self._weights_on(params[0].device)
-        tstates = []
-        for p, pr in zip(owners, params):
+        glob_st = self._global_state()
+        for (p, _), pr in zip(entries, params):
             st = self.state[p]
             if "mom" not in st:
                 fresh = F.init_tensor_state(weights, self.meta_config, pr)
                 for key in _TENSOR_KEYS:
                     st[key] = getattr(fresh, key)
-                if _is_dtensor(p):  # the accumulators sharded like the parameter
+                if shard is not None and _is_dtensor(p):  # the accumulators sharded like the parameter
                     st["mom"], st["rms"] = _sharded_like(p, st["mom"]), _sharded_like(p, st["rms"])
-            tstates.append(F.TensorState(*(st[key].to_local() if _is_dtensor(st[key]) else st[key]
-                                           for key in _TENSOR_KEYS)))
-        state = F.LOptState(self._to_global(glob_st), tstates)
-        new_params, new_state = F.lopt_step(
-            weights, params, grads, state, loss=loss_value, lr=lrs, weight_decay=wds,
-            cfg=self.meta_config, impl=self.impl, chunk_size=self.chunk_size, inplace=True, shard=shard)
-        for p, pr, new, ts in zip(owners, params, new_params, new_state.tensors):
-            if new is not pr:
-                pr.copy_(new)
-            st = self.state[p]
-            for key in _TENSOR_KEYS:
-                val = getattr(ts, key)
-                if _is_dtensor(st[key]):  # written into the DTensor's own piece
-                    local = st[key].to_local()
-                    if val is not local:
-                        local.copy_(val)
-                else:
-                    st[key] = val if val.dtype == st[key].dtype else val.to(st[key].dtype)
-        self._from_global(new_state.glob, glob_st)
-        return loss
+        if shard is None:
+            states = [[self.state[p][key] for p, _ in entries] for key in _TENSOR_KEYS]
+        else:
+            states = [[_local(self.state[p][key]) for p, _ in entries] for key in _TENSOR_KEYS]
+        args = (params, grads, *states, [glob_st[key] for key in _GLOBAL_ORDER], glob_st["nonfinite_skips"],
+                list(weights.values()), ",".join(weights), loss_value,
+                _per_tensor_values(entries, "lr"), _per_tensor_values(entries, "weight_decay"),
+                self._config_json, self.impl, self.chunk_size or 0)
+        if shard is None:
+            torch.ops.learned_opt.step_(*args)
+        else:
+            ops.apply_step(*args, shard=shard)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _per_tensor_values(entries, key: str) -> Tensor:
+    """Each entry's group value of ``key`` (lr or weight decay) as a float64 CPU tensor. Python
+    numbers make one constant; Tensor values (the way to change lr under torch.compile without
+    a recompile) are stacked as tensors."""
+    values = [group[key] for _, group in entries]
+    if not any(isinstance(v, Tensor) for v in values):
+        return torch.tensor(values, dtype=torch.float64)
+    return torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).cpu() for v in values])
 
 
 def _sharding_of(layout) -> Optional[F.Sharding]:

@@ -98,26 +98,3 @@ def test_duplicate_parameters_warn_as_torch_does_and_step_once():
         t.grad = torch.full((4,), 0.5)
         o.step(loss=1.0)
     assert torch.equal(p, q)
-
-
-def test_torch_compile_runs_the_step_eagerly_with_the_same_result():
-    a, b = _model(), _model()
-    oa, ob = LearnedOptimizer(a.parameters()), LearnedOptimizer(b.parameters())
-    compiled = torch.compile(ob.step)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x = torch.randn(16, 6, generator=g)
-        for m, step in ((a, oa.step), (b, compiled)):
-            loss = m(x).pow(2).mean()
-            m.zero_grad()
-            loss.backward()
-            step(loss=loss)
-    assert all(torch.equal(x, y) for x, y in zip(_params(a), _params(b)))
-
-
-def test_fullgraph_compile_says_why_it_cannot():
-    m = _model()
-    opt = LearnedOptimizer(m.parameters())
-    m(torch.randn(4, 6)).sum().backward()
-    with pytest.raises(Exception, match="runs eagerly"):
-        torch.compile(opt.step, fullgraph=True)()

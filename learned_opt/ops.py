@@ -1,0 +1,97 @@
+"""The optimizer's in-place step as one ``torch.library`` custom op, ``learned_opt::step_``.
+
+``LearnedOptimizer.step`` gathers the tensors that have a gradient, creates missing state, and
+then calls this op once. ``torch.compile`` sees the op as a single node that mutates the
+parameters and the state (its fake implementation returns nothing and creates nothing), so
+``torch.compile(opt.step)`` and a compiled training step that calls it trace without graph
+breaks, ``fullgraph=True`` included. Inside the op the step runs eagerly, as it does without
+compiling: the finite check, the compiled CPU kernel or the chunked passes, the LSTM. Compiling
+therefore neither speeds the step up nor slows it down; what it removes is the break in the
+caller's graph.
+
+:func:`apply_step` is the op's body, also called directly for DTensor (FSDP2) parameters,
+which a custom op cannot take: their step reduces statistics over the shards' process group.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .config import ArchConfig
+
+
+@functools.lru_cache(maxsize=16)
+def _config(text: str) -> ArchConfig:
+    return ArchConfig.from_json(text)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every element of every tensor is finite. The fused per-tensor 2-norms are fast
+    but overflow to inf on finite values beyond ~1e19, so a non-finite answer is confirmed
+    with the exact per-tensor max-abs (slower, only then)."""
+    if not tensors:
+        return True
+    if bool(torch.stack([x.float() for x in torch._foreach_norm(tensors, 2)]).isfinite().all()):
+        return True
+    return bool(torch.stack([x.float() for x in torch._foreach_norm(tensors, float("inf"))]).isfinite().all())
+
+
+def _copy_into(dst: Tensor, src: Tensor) -> None:
+    if src is not dst:
+        dst.copy_(src)
+
+
+def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms: List[Tensor],
+               lstm_h: List[Tensor], lstm_c: List[Tensor], from_mlp: List[Tensor], glob: List[Tensor],
+               skips: Tensor, weights: List[Tensor], weight_names: str, loss: Optional[Tensor],
+               lrs: Tensor, wds: Tensor, config: str, impl: str, chunk_size: int,
+               shard: Optional[F.Sharding] = None) -> None:
+    """One step written into the given tensors: ``params`` (gradients already negated where a
+    group maximises), the five per-tensor state lists, ``glob`` (the ``GlobalState`` fields in
+    their order) and ``skips`` (the count of skipped steps). If any gradient is not finite, on
+    any rank of ``shard``'s group, nothing but ``skips`` changes and a ``RuntimeWarning`` says
+    so. ``weight_names``: the weights' names joined by commas. ``lrs``/``wds``: one value per tensor; ``chunk_size`` 0 for the default."""
+    finite = all_finite([g for g in grads if g.numel()])
+    if shard is not None:  # every rank skips, or none: each sees only its pieces
+        flag = torch.tensor([1.0 if finite else 0.0], device=params[0].device)
+        finite = bool(shard.sum(flag).item() == torch.distributed.get_world_size(shard.group))
+    if not finite:
+        skips.add_(1)
+        warnings.warn(f"LearnedOptimizer: non-finite gradient, step skipped ({int(skips)} so far)",
+                      RuntimeWarning, stacklevel=3)
+        return
+    state = F.LOptState(F.GlobalState(*glob),
+                        [F.TensorState(*t) for t in zip(mom, rms, lstm_h, lstm_c, from_mlp)])
+    new_params, new_state = F.lopt_step(
+        dict(zip(weight_names.split(","), weights)), params, grads, state, loss=loss, lr=lrs.tolist(),
+        weight_decay=wds.tolist(), cfg=_config(config), impl=impl, chunk_size=chunk_size or None,
+        inplace=True, shard=shard)
+    for p, new in zip(params, new_params):
+        _copy_into(p, new)
+    for dsts, srcs in zip((mom, rms, lstm_h, lstm_c, from_mlp), zip(*new_state.tensors)):
+        for dst, src in zip(dsts, srcs):
+            _copy_into(dst, src)
+    for dst, src in zip(glob, new_state.glob):
+        _copy_into(dst, src)
+
+
+@torch.library.custom_op("learned_opt::step_",
+                         mutates_args=("params", "mom", "rms", "lstm_h", "lstm_c", "from_mlp", "glob", "skips"))
+def step_(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms: List[Tensor],
+          lstm_h: List[Tensor], lstm_c: List[Tensor], from_mlp: List[Tensor], glob: List[Tensor],
+          skips: Tensor, weights: List[Tensor], weight_names: str, loss: Optional[Tensor],
+          lrs: Tensor, wds: Tensor, config: str, impl: str, chunk_size: int) -> None:
+    apply_step(params, grads, mom, rms, lstm_h, lstm_c, from_mlp, glob, skips, weights, weight_names,
+               loss, lrs, wds, config, impl, chunk_size)
+
+
+@step_.register_fake
+def _step_fake(params, grads, mom, rms, lstm_h, lstm_c, from_mlp, glob, skips, weights, weight_names,
+               loss, lrs, wds, config, impl, chunk_size) -> None:
+    return None
