@@ -44,6 +44,7 @@ def _build():
         variants.reverse()
     for flags in variants:
         full = _name("-march=native" in flags)
+        clear_stale_lock(full)
         if not _cached(full):
             print("learned_opt: compiling the native CPU kernel (once per machine, about a minute)...",
                   file=sys.stderr, flush=True)
@@ -71,6 +72,35 @@ def _cached(name: str) -> bool:
         return any(f.endswith((".so", ".pyd", ".dylib")) for f in os.listdir(folder))
     except Exception:  # noqa: BLE001 - only decides whether to print a message
         return False
+
+
+STALE_LOCK_S = 900  # a build takes one or two minutes; a lock this old has no live builder
+
+
+def clear_stale_lock(name: str, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove the build folder's ``lock`` if it is older than ``max_age_s``. PyTorch's
+    extension loader creates that file while a process builds and every other process waits
+    until it is gone, with no timeout: a build killed mid-way (Ctrl-C, a job's time limit)
+    leaves it behind, and every later first step would wait forever. Returns whether a lock
+    was removed (with a warning that says so)."""
+    import time
+
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        age = time.time() - os.path.getmtime(lock)
+    except Exception:  # noqa: BLE001 - no folder or no lock: nothing to clear
+        return False
+    if age <= max_age_s:
+        return False
+    try:
+        os.remove(lock)
+    except OSError:
+        return False
+    warnings.warn(f"learned_opt: removed a stale build lock ({lock}, {age / 60:.0f} min old), left by a kernel "
+                  "build that did not finish", RuntimeWarning, stacklevel=2)
+    return True
 
 
 def _build_now() -> None:

@@ -43,3 +43,24 @@ def test_strict_setting_waits(monkeypatch):
     monkeypatch.setattr(native, "_cached", lambda name: False)
     monkeypatch.setattr(native, "_build", lambda: "built-module")
     assert native.get(wait=False) == "built-module" and native._thread is None
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(monkeypatch, tmp_path):
+    import os
+
+    import pytest
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    name = native._name(True)
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    open(lock, "w").close()
+    assert not native.clear_stale_lock(name)  # a build may be running: kept
+    assert os.path.exists(lock)
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert native.clear_stale_lock(name)
+    assert not os.path.exists(lock)
+    assert not native.clear_stale_lock(name)  # nothing left to clear
