@@ -50,13 +50,14 @@ def _copy_into(dst: Tensor, src: Tensor) -> None:
 def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms: List[Tensor],
                lstm_h: List[Tensor], lstm_c: List[Tensor], from_mlp: List[Tensor], glob: List[Tensor],
                skips: Tensor, weights: List[Tensor], weight_names: str, loss: Optional[Tensor],
-               lrs: Tensor, wds: Tensor, config: str, impl: str, chunk_size: int,
+               lrs: Tensor, wds: Tensor, group_of: List[int], config: str, impl: str, chunk_size: int,
                shard: Optional[F.Sharding] = None) -> None:
     """One step written into the given tensors: ``params`` (gradients already negated where a
     group maximises), the five per-tensor state lists, ``glob`` (the ``GlobalState`` fields in
     their order) and ``skips`` (the count of skipped steps). If any gradient is not finite, on
     any rank of ``shard``'s group, nothing but ``skips`` changes and a ``RuntimeWarning`` says
-    so. ``weight_names``: the weights' names joined by commas. ``lrs``/``wds``: one value per tensor; ``chunk_size`` 0 for the default."""
+    so. ``weight_names``: the weights' names joined by commas. ``lrs``/``wds``: one value per
+    param group, ``group_of`` each tensor's group; ``chunk_size`` 0 for the default."""
     finite = all_finite([g for g in grads if g.numel()])
     if shard is not None:  # every rank skips, or none: each sees only its pieces
         flag = torch.tensor([1.0 if finite else 0.0], device=params[0].device)
@@ -66,11 +67,13 @@ def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms
         warnings.warn(f"LearnedOptimizer: non-finite gradient, step skipped ({int(skips)} so far)",
                       RuntimeWarning, stacklevel=3)
         return
+    lr, wd = lrs.tolist(), wds.tolist()
     state = F.LOptState(F.GlobalState(*glob),
                         [F.TensorState(*t) for t in zip(mom, rms, lstm_h, lstm_c, from_mlp)])
     new_params, new_state = F.lopt_step(
-        dict(zip(weight_names.split(","), weights)), params, grads, state, loss=loss, lr=lrs.tolist(),
-        weight_decay=wds.tolist(), cfg=_config(config), impl=impl, chunk_size=chunk_size or None,
+        dict(zip(weight_names.split(","), weights)), params, grads, state, loss=loss,
+        lr=[lr[i] for i in group_of], weight_decay=[wd[i] for i in group_of], cfg=_config(config), impl=impl,
+        chunk_size=chunk_size or None,
         inplace=True, shard=shard)
     for p, new in zip(params, new_params):
         _copy_into(p, new)
@@ -86,12 +89,12 @@ def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms
 def step_(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms: List[Tensor],
           lstm_h: List[Tensor], lstm_c: List[Tensor], from_mlp: List[Tensor], glob: List[Tensor],
           skips: Tensor, weights: List[Tensor], weight_names: str, loss: Optional[Tensor],
-          lrs: Tensor, wds: Tensor, config: str, impl: str, chunk_size: int) -> None:
+          lrs: Tensor, wds: Tensor, group_of: List[int], config: str, impl: str, chunk_size: int) -> None:
     apply_step(params, grads, mom, rms, lstm_h, lstm_c, from_mlp, glob, skips, weights, weight_names,
-               loss, lrs, wds, config, impl, chunk_size)
+               loss, lrs, wds, group_of, config, impl, chunk_size)
 
 
 @step_.register_fake
 def _step_fake(params, grads, mom, rms, lstm_h, lstm_c, from_mlp, glob, skips, weights, weight_names,
-               loss, lrs, wds, config, impl, chunk_size) -> None:
+               loss, lrs, wds, group_of, config, impl, chunk_size) -> None:
     return None

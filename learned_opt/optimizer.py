@@ -448,8 +448,7 @@ class LearnedOptimizer(Optimizer):
         else:
             states = [[_local(self.state[p][key]) for p, _ in entries] for key in _TENSOR_KEYS]
         args = (params, grads, *states, [glob_st[key] for key in _GLOBAL_ORDER], glob_st["nonfinite_skips"],
-                list(weights.values()), ",".join(weights), loss_value,
-                _per_tensor_values(entries, "lr"), _per_tensor_values(entries, "weight_decay"),
+                list(weights.values()), ",".join(weights), loss_value, *_group_values(self.param_groups, entries),
                 self._config_json, self.impl, self.chunk_size or 0)
         if shard is None:
             torch.ops.learned_opt.step_(*args)
@@ -461,14 +460,20 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
-def _per_tensor_values(entries, key: str) -> Tensor:
-    """Each entry's group value of ``key`` (lr or weight decay) as a float64 CPU tensor. Python
-    numbers make one constant; Tensor values (the way to change lr under torch.compile without
-    a recompile) are stacked as tensors."""
-    values = [group[key] for _, group in entries]
-    if not any(isinstance(v, Tensor) for v in values):
-        return torch.tensor(values, dtype=torch.float64)
-    return torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).cpu() for v in values])
+def _group_values(groups, entries):
+    """(lr, weight decay, group of each entry): each group's lr and weight decay as float64
+    CPU tensors of one value per group, and each entry's group index. Python numbers make
+    constants; Tensor values (the way to change lr under torch.compile without a recompile)
+    are stacked as tensors."""
+    out = []
+    for key in ("lr", "weight_decay"):
+        values = [group[key] for group in groups]
+        if any(isinstance(v, Tensor) for v in values):
+            out.append(torch.stack([torch.as_tensor(v, dtype=torch.float64).detach().reshape(()).cpu() for v in values]))
+        else:
+            out.append(torch.tensor(values, dtype=torch.float64))
+    index = {id(group): i for i, group in enumerate(groups)}
+    return out[0], out[1], [index[id(group)] for _, group in entries]
 
 
 def _sharding_of(layout) -> Optional[F.Sharding]:
