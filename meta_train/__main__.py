@@ -75,7 +75,8 @@ def _add_train_args(ap):
     ap.add_argument("--versus-adam", type=float, default=u.versus_adam, metavar="K",
                     help="run Adam beside the members and count each inner step as "
                          "softplus(K (log L - log L_Adam + margin)) / K: steps where the learned optimizer "
-                         "is far ahead of Adam count little (0, default: plain log L)")
+                         "is far ahead of Adam count little (0, default: plain log L); with --meta-loss valid, "
+                         "both are validation losses")
     ap.add_argument("--adam-lr", type=float, default=u.adam_lr, help="lr of the Adam runs of --versus-adam")
     ap.add_argument("--adam-margin", type=float, default=u.adam_margin,
                     help="log of the lead over Adam where --versus-adam's hinge turns")

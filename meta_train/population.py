@@ -64,7 +64,9 @@ class UnrollSettings:
     # much as log L_t. The objective leans towards the tasks (and the parts of a run) where
     # Adam wins, which a plain average over a task mix lets the easy wins outvote. Any additive
     # per-task baseline would cancel in the antithetic difference; this one does not, since it
-    # enters through a non-linear function. Needs loss_transform "log" and meta_loss "train".
+    # enters through a non-linear function. Needs loss_transform "log". With meta_loss "valid"
+    # both sides are validation losses (Adam's after its step t, on the members' validation
+    # batches of step t), so the hinge weighs the tasks where Adam generalises better.
     versus_adam: float = 0.0
     adam_lr: float = 1e-3
     adam_margin: float = 0.0  # log of the lead over Adam where the hinge turns (0.1: about 10%)
@@ -210,7 +212,10 @@ class Group:
             meta = vloss if self.s.meta_loss == "valid" else loss
             value = transform(meta.detach().to(torch.float64))
             if self.adam is not None:
-                log_adam = torch.log(self._adam_step(t, pair_batch).to(torch.float64)).repeat_interleave(2)
+                adam_loss = self._adam_step(t, pair_batch)
+                if self.s.meta_loss == "valid":  # Adam's after its step, on the members' validation batches
+                    adam_loss = f["loss"](self.adam["params"], self._pair_batches("valid", t))
+                log_adam = torch.log(adam_loss.to(torch.float64)).repeat_interleave(2)
                 gap += value - log_adam
                 value = versus_adam_transform(value, log_adam, self.s.versus_adam, self.s.adam_margin)
             total += step_weight(self.s, t, self.horizon) * value

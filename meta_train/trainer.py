@@ -122,9 +122,8 @@ class MetaTrainConfig:
         if not (0.0 <= u.versus_adam < float("inf")):
             raise ValueError(f"versus_adam must be >= 0 and finite, got {u.versus_adam}")
         if u.versus_adam:
-            if u.loss_transform != "log" or u.meta_loss != "train":
-                raise ValueError("versus_adam compares log training losses: it needs loss_transform 'log' "
-                                 "and meta_loss 'train'")
+            if u.loss_transform != "log":
+                raise ValueError("versus_adam compares log losses: it needs loss_transform 'log'")
             if not (0.0 < u.adam_lr < float("inf")) or not math.isfinite(u.adam_margin):
                 raise ValueError(f"adam_lr must be positive and finite and adam_margin finite, "
                                  f"got {u.adam_lr}, {u.adam_margin}")

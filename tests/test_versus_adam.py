@@ -101,6 +101,37 @@ def test_adam_runs_and_meta_loss_match_a_hand_computation(per_member):
         assert not vs.adam["m"][n].any()
 
 
+def test_against_adams_validation_loss_with_the_validation_meta_loss():
+    k, margin, lr = 2.0, 0.1, 1e-3
+    common = dict(unroll=3, min_horizon=6, max_horizon=6, meta_loss="valid")
+    plain = _group(UnrollSettings(**common))
+    vs = _group(UnrollSettings(**common, versus_adam=k, adam_lr=lr, adam_margin=margin))
+    members = _members(4)
+    log_l = torch.cat([plain.unroll(members, pass_loss=True)[0].unsqueeze(0) for _ in range(2)])  # (2, 4)
+    task = vs.task
+    log_a = torch.zeros(6, 2, dtype=torch.float64)  # Adam's validation loss after each of its steps
+    for j in range(2):
+        init = task.init(_mix(vs.task_seed, 5, j))
+        params = {n: t.detach().clone().requires_grad_(True) for n, t in init.items()}
+        opt = torch.optim.Adam(params.values(), lr=lr)
+        for t in range(6):
+            opt.zero_grad()
+            task.loss(params, task.batch("train", vs.data_seeds[j], t)).backward()
+            opt.step()
+            with torch.no_grad():
+                log_a[t, j] = math.log(task.loss(params, task.batch("valid", vs.data_seeds[j], t)).item())
+    # the plain group's meta-loss is the mean log validation loss of a truncation; recover the
+    # per-step values with one-step truncations
+    one = _group(UnrollSettings(**dict(common, unroll=1)))
+    per_step = torch.stack([one.unroll(members, pass_loss=True)[0] for _ in range(6)])  # (6, 4)
+    torch.testing.assert_close(per_step.reshape(2, 3, 4).mean(1), log_l, rtol=1e-6, atol=1e-7)
+    expect = versus_adam_transform(per_step, log_a.repeat_interleave(2, dim=1), k, margin)
+    for r in range(2):
+        meta, ok = vs.unroll(members, pass_loss=True)
+        assert ok.all()
+        torch.testing.assert_close(meta, expect[3 * r:3 * r + 3].mean(0), rtol=1e-5, atol=1e-6)
+
+
 def test_versus_adam_resumes_exactly(tmp_path):
     def config():
         return MetaTrainConfig(family="teacher_student", pairs=2, groups=2, steps=6, checkpoint_every=3,
@@ -128,7 +159,7 @@ def test_versus_adam_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("bad", [
     dict(versus_adam=-1.0), dict(versus_adam=float("nan")), dict(versus_adam=1.0, loss_transform="none"),
-    dict(versus_adam=1.0, meta_loss="valid"), dict(versus_adam=1.0, adam_lr=0.0),
+    dict(versus_adam=1.0, adam_lr=0.0),
     dict(versus_adam=1.0, adam_margin=float("inf")),
 ])
 def test_bad_settings_are_refused(bad):
