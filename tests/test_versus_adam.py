@@ -58,6 +58,30 @@ def _group(settings, per_member=True):
     return g
 
 
+def _adam_by_hand(group, lr, steps, valid=False):
+    """torch.optim.Adam from each pair's initialisation on that pair's batches: the log of each
+    step's training loss before the step, or with ``valid`` of the validation loss after it,
+    (steps, pairs); and the final parameters of each pair."""
+    task = group.task
+    log_a = torch.zeros(steps, 2, dtype=torch.float64)
+    finals = []
+    for j in range(2):
+        init = task.init(_mix(group.task_seed, 5, j))
+        params = {n: t.detach().clone().requires_grad_(True) for n, t in init.items()}
+        opt = torch.optim.Adam(params.values(), lr=lr)
+        for t in range(steps):
+            opt.zero_grad()
+            loss = task.loss(params, task.batch("train", group.data_seeds[j], t))
+            loss.backward()
+            opt.step()
+            if valid:
+                with torch.no_grad():
+                    loss = task.loss(params, task.batch("valid", group.data_seeds[j], t))
+            log_a[t, j] = math.log(loss.item())
+        finals.append(params)
+    return log_a, finals
+
+
 @pytest.mark.parametrize("per_member", [True, False])
 def test_adam_runs_and_meta_loss_match_a_hand_computation(per_member):
     k, margin, lr = 3.0, 0.05, 2e-3
@@ -67,21 +91,7 @@ def test_adam_runs_and_meta_loss_match_a_hand_computation(per_member):
     members = _members(4)
     # the members' log losses, one step at a time, without Adam
     log_l = torch.stack([plain.unroll(members, pass_loss=True)[0] for _ in range(6)])  # (6, 4)
-    # Adam by hand: torch.optim.Adam from each pair's initialisation on that pair's batches
-    task = vs.task
-    log_a = torch.zeros(6, 2, dtype=torch.float64)
-    finals = []
-    for j in range(2):
-        init = task.init(_mix(vs.task_seed, 5, j))
-        params = {n: t.detach().clone().requires_grad_(True) for n, t in init.items()}
-        opt = torch.optim.Adam(params.values(), lr=lr)
-        for t in range(6):
-            opt.zero_grad()
-            loss = task.loss(params, task.batch("train", vs.data_seeds[j], t))
-            loss.backward()
-            opt.step()
-            log_a[t, j] = math.log(loss.item())
-        finals.append(params)
+    log_a, finals = _adam_by_hand(vs, lr, 6)
     expect = versus_adam_transform(log_l, log_a.repeat_interleave(2, dim=1), k, margin)
     for r in range(2):  # two truncations of three steps
         meta, ok = vs.unroll(members, pass_loss=True)
@@ -108,18 +118,7 @@ def test_against_adams_validation_loss_with_the_validation_meta_loss():
     vs = _group(UnrollSettings(**common, versus_adam=k, adam_lr=lr, adam_margin=margin))
     members = _members(4)
     log_l = torch.cat([plain.unroll(members, pass_loss=True)[0].unsqueeze(0) for _ in range(2)])  # (2, 4)
-    task = vs.task
-    log_a = torch.zeros(6, 2, dtype=torch.float64)  # Adam's validation loss after each of its steps
-    for j in range(2):
-        init = task.init(_mix(vs.task_seed, 5, j))
-        params = {n: t.detach().clone().requires_grad_(True) for n, t in init.items()}
-        opt = torch.optim.Adam(params.values(), lr=lr)
-        for t in range(6):
-            opt.zero_grad()
-            task.loss(params, task.batch("train", vs.data_seeds[j], t)).backward()
-            opt.step()
-            with torch.no_grad():
-                log_a[t, j] = math.log(task.loss(params, task.batch("valid", vs.data_seeds[j], t)).item())
+    log_a, _ = _adam_by_hand(vs, lr, 6, valid=True)
     # the plain group's meta-loss is the mean log validation loss of a truncation; recover the
     # per-step values with one-step truncations
     one = _group(UnrollSettings(**dict(common, unroll=1)))
