@@ -131,8 +131,10 @@ def _check(tensors, what):
         raise TypeError(f"the Triton kernel computes in float32 on contiguous {what}")
 
 
-def _amount(amount, device):
-    return torch.as_tensor(amount, dtype=torch.float32, device=device).reshape(1)
+def _device_scalar(value, device):
+    """A number or 1-element tensor (the clip amount, the gradients' scale factor) as a
+    float32 (1,) tensor on ``device``, which the kernels read in device memory."""
+    return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(1)
 
 
 def stats_pass_table(gs, ps, ms, vs, amount, rms_eps: float, decays, grad_scale=None):
@@ -154,7 +156,8 @@ def stats_pass_table(gs, ps, ms, vs, amount, rms_eps: float, decays, grad_scale=
     b = torch.as_tensor(decays, dtype=torch.float32, device=dev)
     _stats_pass_kernel[(table.n_blocks,)](table.pointers(gs), table.pointers(ps), table.pointers(ms),
                                           table.pointers(vs), table.owner, table.first, table.numel, D,
-                                          _amount(amount, dev), _amount(1.0 if grad_scale is None else grad_scale, dev),
+                                          _device_scalar(amount, dev),
+                                          _device_scalar(1.0 if grad_scale is None else grad_scale, dev),
                                           float(rms_eps), b, rows, sq,
                                           BLOCK=BLOCK, DP=DP, E_PAD=E)
     return rows, sq, table.owner.long()
@@ -250,7 +253,8 @@ def mlp_pass_table(gs, ps, ms, vs, amount, rms_eps: float, w0s, bias0, hidden_w,
                   for x in (lr, decay)]
     _mlp_pass_kernel[(table.n_blocks,)](table.pointers(gs), table.pointers(ps), table.pointers(ms),
                                         table.pointers(vs), table.owner, table.first, table.numel, D,
-                                        _amount(amount, dev), _amount(1.0 if grad_scale is None else grad_scale, dev),
+                                        _device_scalar(amount, dev),
+                                        _device_scalar(1.0 if grad_scale is None else grad_scale, dev),
                                         float(rms_eps), w0s, bias0, wh, bh,
                                         w_dir.contiguous(), w_mag.contiguous(),
                                         torch.as_tensor(b_out, dtype=torch.float32, device=dev).contiguous(),
