@@ -58,6 +58,7 @@ def test_state_with_python_number_counters_resumes():
     first = sd["state"][0]
     for key in ("step", "train_loss_count", "clip_t", "valid_loss_count"):
         first[key] = float(first[key])  # as a hand-written or converted checkpoint may hold them
+    first["nonfinite_skips"] = 2  # a Python int, as states saved before the step was a custom op hold it
     if not oa.meta_config.scale_free:  # unused without scale_free: a state saved before the field existed
         del first["grad_ref"]
     b.load_state_dict(a.state_dict())
@@ -66,6 +67,8 @@ def test_state_with_python_number_counters_resumes():
     _train(a, oa, 3)
     _train(b, ob, 3)
     assert all(torch.equal(x, y) for x, y in zip(_params(a), _params(b)))
+    skips = ob.state[next(b.parameters())]["nonfinite_skips"]
+    assert torch.is_tensor(skips) and int(skips) == 2
 
 
 def test_a_group_saved_without_an_option_gets_its_default():
