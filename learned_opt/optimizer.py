@@ -90,22 +90,30 @@ def _is_dtensor(x) -> bool:
 
 def _local_piece(p, g):
     """A DTensor parameter's local piece, its gradient's, and (full shape, whether sharded,
-    process group). Refuses layouts whose statistics this step cannot reduce."""
+    process group of the shards). Takes FSDP2's layouts: a 1-D mesh with ``Shard(dim)`` or
+    ``Replicate``, and HSDP's 2-D mesh (``Replicate`` over the first dimension, ``Shard(dim)``
+    over the second: the replicas hold equal pieces, so the statistics are reduced over the
+    second dimension's group only). Refuses layouts whose statistics this step cannot reduce."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    mesh = p.device_mesh
-    if mesh.ndim != 1:
-        raise NotImplementedError(f"LearnedOptimizer takes DTensor parameters on a 1-D device mesh (FSDP2's "
-                                  f"fully_shard on one mesh dimension), got a {mesh.ndim}-D mesh")
-    for pl in p.placements:
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    for pl in placements:
         if not (isinstance(pl, Replicate) or (isinstance(pl, Shard) and pl.dim >= 0)):
             raise NotImplementedError(f"LearnedOptimizer takes Shard(dim) or Replicate placements, got {pl}")
+    if mesh.ndim == 1:
+        group = mesh.get_group()
+    elif mesh.ndim == 2 and isinstance(placements[0], Replicate):
+        group = mesh.get_group(1)  # HSDP: the statistics over the shard dimension
+    else:
+        raise NotImplementedError(f"LearnedOptimizer takes DTensor parameters on a 1-D device mesh (FSDP2's "
+                                  f"fully_shard) or a 2-D one replicated over its first dimension (HSDP), got "
+                                  f"placements {placements} on a {mesh.ndim}-D mesh")
     if p.is_complex():
         raise NotImplementedError("LearnedOptimizer does not take complex DTensor parameters")
     if not isinstance(g, DTensor) or g.placements != p.placements:
         raise RuntimeError("the gradient of a DTensor parameter must be a DTensor with the parameter's placements")
-    sharded = any(isinstance(pl, Shard) for pl in p.placements)
-    return p.to_local(), g.to_local(), (p.shape, sharded, mesh.get_group())
+    sharded = any(isinstance(pl, Shard) for pl in placements)
+    return p.to_local(), g.to_local(), (p.shape, sharded, group)
 
 
 def _sharded_like(p, local: Tensor) -> Tensor:

@@ -2,7 +2,8 @@
 is reduced over the shards, so each element's update equals a one-process run on the whole
 tensors; the accumulators are sharded like the parameters, and a distributed checkpoint resumes
 exactly. Uneven shards are included: a 3-row weight (2 + 1 rows) and a 1-element parameter that
-one rank holds none of."""
+one rank holds none of. HSDP (a 2-D mesh, replicated over one dimension and sharded over the
+other) with 4 processes."""
 
 import datetime
 import os
@@ -64,7 +65,7 @@ def _weights():
     return load_weights()[0].with_options(sign_tolerance=1e-4)
 
 
-def _worker(rank, world, port, out, task):
+def _worker(rank, world, port, out, task, mesh_shape=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
@@ -72,7 +73,9 @@ def _worker(rank, world, port, out, task):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        shape = mesh_shape or (world,)
+        names = ("replicate", "shard") if len(shape) == 2 else None  # 2-D: HSDP
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
 
         def sharded(seed=0):
             torch.manual_seed(seed)
@@ -118,9 +121,12 @@ def _worker(rank, world, port, out, task):
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, task):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), task), nprocs=2, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def _spawn(tmp_path, task, mesh_shape=(2,)):
+    world = 1
+    for n in mesh_shape:
+        world *= n
+    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path), task, mesh_shape), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
 def test_sharded_updates_equal_a_one_process_run(tmp_path):
@@ -131,6 +137,16 @@ def test_sharded_updates_equal_a_one_process_run(tmp_path):
     assert sorted(r["mom_local"][0] for r in res) == [1, 2]  # the accumulators sharded like the weight
 
 
-def test_a_distributed_checkpoint_resumes_exactly(tmp_path):
-    for r in _spawn(tmp_path, "resume"):
+@pytest.mark.parametrize("mesh_shape", [(2,), (2, 2)], ids=["fsdp", "hsdp"])
+def test_a_distributed_checkpoint_resumes_exactly(tmp_path, mesh_shape):
+    for r in _spawn(tmp_path, "resume", mesh_shape):
         assert r["diff"] == 0.0
+
+
+def test_hsdp_replicated_shards_equal_a_one_process_run(tmp_path):
+    # 4 processes on a (2 replicas x 2 shards) mesh: statistics reduced over the shard dimension
+    res = _spawn(tmp_path, "equal", mesh_shape=(2, 2))
+    for r in res:
+        assert r["worst"] <= 1e-5, r
+        assert r["mom_type"] == "DTensor" and r["mom_shape"] == (3, 16, 5)
+    assert sorted(r["mom_local"][0] for r in res) == [1, 1, 2, 2]
