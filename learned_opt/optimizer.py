@@ -6,7 +6,8 @@ State layout (a standard optimizer state dict; tensors and numbers only):
   accumulators, fp32, or fp64 for fp64 parameters), ``lstm_h``, ``lstm_c`` and ``from_mlp``;
 * optimizer-wide values, kept (as ``torch.optim.LBFGS`` does) in the state of the first
   parameter of the first group: ``step``, the running loss statistics, the gradient clipper,
-  the shared LSTM message ``from_lstm``, ``nonfinite_skips``, and the identity of the
+  the shared LSTM message ``from_lstm``, ``nonfinite_skips`` (an int64 tensor, which the
+  step's custom op increments in place; states saved with a Python int load), and the identity of the
   meta-network weights (``weights_checksum``, an int, ``weights_name`` and ``weights_config``,
   the architecture as JSON, both UTF-8 bytes in uint8 tensors). Loading a state dict made with
   other weights, or with the same tensors read under another architecture config, raises.
