@@ -42,9 +42,13 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     return bool(torch.stack([x.float() for x in torch._foreach_norm(tensors, float("inf"))]).isfinite().all())
 
 
-def _copy_into(dst: Tensor, src: Tensor) -> None:
-    if src is not dst:
-        dst.copy_(src)
+def _copy_all(pairs) -> None:
+    """``dst.copy_(src)`` for every pair whose tensors differ, as one multi-tensor copy (one
+    launch on a GPU for the many small per-tensor states, not one each)."""
+    todo = [(d, s) for d, s in pairs if s is not d]
+    if todo:
+        dsts, srcs = zip(*todo)
+        torch._foreach_copy_(list(dsts), list(srcs))
 
 
 def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms: List[Tensor],
@@ -75,13 +79,10 @@ def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms
         lr=[lr[i] for i in group_of], weight_decay=[wd[i] for i in group_of], cfg=_config(config), impl=impl,
         chunk_size=chunk_size or None,
         inplace=True, shard=shard)
-    for p, new in zip(params, new_params):
-        _copy_into(p, new)
+    pairs = list(zip(params, new_params)) + list(zip(glob, new_state.glob))
     for dsts, srcs in zip((mom, rms, lstm_h, lstm_c, from_mlp), zip(*new_state.tensors)):
-        for dst, src in zip(dsts, srcs):
-            _copy_into(dst, src)
-    for dst, src in zip(glob, new_state.glob):
-        _copy_into(dst, src)
+        pairs += zip(dsts, srcs)
+    _copy_all(pairs)
 
 
 @torch.library.custom_op("learned_opt::step_",
