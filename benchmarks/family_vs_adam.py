@@ -54,6 +54,31 @@ def train(task, weights, steps: int, pass_loss: bool = True):
     return statistics.mean(tail), valid
 
 
+def screen_family(family: str, tasks: int, steps: int, weights, pass_loss: bool, log=print) -> dict:
+    """Every weights entry (NAME, NAME@LR, "" for the default) and Adam 1e-3 on ``tasks``
+    held-out tasks of ``family``. Returns the per-task rows, the win counts against Adam on the
+    training tail and the validation loss, and the selection score: per weights entry, the mean
+    over tasks of log(validation loss / Adam 1e-3's), lower is better (a ratio, so no task's
+    loss scale dominates; a count alone hides the margins)."""
+    fam = get_family(family)
+    keys = [w or "default" for w in weights]
+    rows = []
+    wins = {m: {k: 0 for k in keys} for m in ("train_tail", "valid")}
+    for seed in held_out_seeds(tasks):
+        task = fam.sample(seed)
+        row = {"task": task.name, "adam_1e-3": dict(zip(("train_tail", "valid"), train(task, None, steps)))}
+        for w, k in zip(weights, keys):
+            r = dict(zip(("train_tail", "valid"), train(task, w, steps, pass_loss)))
+            row[k] = r
+            for m in wins:
+                wins[m][k] += r[m] < row["adam_1e-3"][m]
+        rows.append(row)
+        log(task.name, "  ".join(f"{k}: {v['train_tail']:.4g} ({v['valid']:.4g})" for k, v in row.items() if k != "task"))
+    log_ratio = {k: sum(math.log(r[k]["valid"] / r["adam_1e-3"]["valid"]) for r in rows) / len(rows) for k in keys}
+    return {"family": family, "steps": steps, "pass_loss": pass_loss, "wins_vs_adam": wins["train_tail"],
+            "valid_wins_vs_adam": wins["valid"], "valid_log_ratio_vs_adam": log_ratio, "tasks": rows}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", required=True)
@@ -68,34 +93,14 @@ def main(argv=None):
     if args.tasks < 1 or args.steps < 1:
         ap.error("--tasks and --steps must be positive")
     torch.set_num_threads(args.threads)
-    fam = get_family(args.family)
-    weights = args.weights.split(",")
-    rows = []
-    wins = {m: {w or "default": 0 for w in weights} for m in ("train_tail", "valid")}
-    for seed in held_out_seeds(args.tasks):
-        task = fam.sample(seed)
-        row = {"task": task.name, "adam_1e-3": dict(zip(("train_tail", "valid"), train(task, None, args.steps)))}
-        for w in weights:
-            r = dict(zip(("train_tail", "valid"), train(task, w, args.steps, not args.no_loss)))
-            row[w or "default"] = r
-            for m in wins:
-                wins[m][w or "default"] += r[m] < row["adam_1e-3"][m]
-        rows.append(row)
-        print(task.name, "  ".join(f"{k}: {v['train_tail']:.4g} ({v['valid']:.4g})"
-                                   for k, v in row.items() if k != "task"), flush=True)
-    for m, label in (("train_tail", "end-of-run training loss"), ("valid", "validation loss")):
+    res = screen_family(args.family, args.tasks, args.steps, args.weights.split(","), not args.no_loss,
+                        log=lambda *a: print(*a, flush=True))
+    for m, label in (("wins_vs_adam", "end-of-run training loss"), ("valid_wins_vs_adam", "validation loss")):
         print(f"tasks where the learned optimizer's {label} beats Adam 1e-3:",
-              {k: f"{v}/{args.tasks}" for k, v in wins[m].items()})
-    # the selection score: the mean over tasks of log(validation loss / Adam 1e-3's), lower is
-    # better (a ratio, so no task's loss scale dominates; a count alone hides the margins)
-    log_ratio = {w or "default": sum(math.log(r[w or "default"]["valid"] / r["adam_1e-3"]["valid"]) for r in rows)
-                 / len(rows) for w in weights}
-    print("mean log(validation loss / Adam 1e-3's):", {k: f"{v:+.4f}" for k, v in log_ratio.items()})
+              {k: f"{v}/{args.tasks}" for k, v in res[m].items()})
+    print("mean log(validation loss / Adam 1e-3's):", {k: f"{v:+.4f}" for k, v in res["valid_log_ratio_vs_adam"].items()})
     out = args.out or os.path.join(HERE, "results", f"family_vs_adam-{args.family}.json")
-    write_result(out, "family_vs_adam.py", argv, {"family": args.family, "steps": args.steps,
-                                                  "pass_loss": not args.no_loss, "wins_vs_adam": wins["train_tail"],
-                                                  "valid_wins_vs_adam": wins["valid"], "valid_log_ratio_vs_adam": log_ratio,
-                                                  "tasks": rows})
+    write_result(out, "family_vs_adam.py", argv, res)
 
 
 if __name__ == "__main__":
