@@ -29,6 +29,7 @@ def _worker(rank, world, port, out, loss_group, mode):
         model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)))
         kw = {} if loss_group == "default" else {"loss_group": None}
         opt = LearnedOptimizer(model.parameters(), **kw)
+        compiled = torch.compile(opt.step, fullgraph=True) if mode == "compiled" else None
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         for _ in range(25):
             x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -40,6 +41,9 @@ def _worker(rank, world, port, out, loss_group, mode):
                 return loss
             if mode == "closure":
                 opt.step(closure)
+            elif mode == "compiled":  # the loss average traced into the compiled step
+                loss = closure()
+                compiled(loss=loss.detach())
             else:
                 loss = closure()
                 opt.step(loss=loss)
@@ -53,7 +57,7 @@ def _run(tmp_path, loss_group, mode="loss"):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("mode", ["loss", "closure"])
+@pytest.mark.parametrize("mode", ["loss", "closure", "compiled"])
 def test_ddp_replicas_stay_identical_with_the_loss_passed(tmp_path, mode):
     a, b = _run(tmp_path, "default", mode)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
