@@ -10,7 +10,8 @@ therefore neither speeds the step up nor slows it down; what it removes is the b
 caller's graph.
 
 :func:`apply_step` is the op's body, also called directly for DTensor (FSDP2) parameters,
-which a custom op cannot take: their step reduces statistics over the shards' process group.
+which a custom op cannot take (their step reduces statistics over the shards' process group),
+and for complex parameters, whose real views mutated by a custom op the compiler cannot carry.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms
                skips: Tensor, weights: List[Tensor], weight_names: str, loss: Optional[Tensor],
                lrs: Tensor, wds: Tensor, group_of: List[int], config: str, impl: str, chunk_size: int,
                shard: Optional[F.Sharding] = None) -> None:
-    """One step written into the given tensors: ``params`` (gradients already negated where a
-    group maximises), the five per-tensor state lists, ``glob`` (the ``GlobalState`` fields in
+    """One step written into the given tensors: ``params`` (real tensors: complex parameters'
+    real views; gradients already negated where a group maximises), the five per-tensor state lists, ``glob`` (the ``GlobalState`` fields in
     their order) and ``skips`` (the count of skipped steps). If any gradient is not finite, on
     any rank of ``shard``'s group, nothing but ``skips`` changes and a ``RuntimeWarning`` says
     so. ``weight_names``: the weights' names joined by commas. ``lrs``/``wds``: one value per

@@ -69,8 +69,8 @@ def _check_number(name: str, value: Any) -> None:
 
 def _not_compiled(fn):
     """``torch.compiler.disable`` with its reason where this torch takes one."""
-    reason = ("LearnedOptimizer's step on DTensor (FSDP2) parameters runs eagerly: a custom op "
-              "cannot take DTensors")
+    reason = ("LearnedOptimizer's step on DTensor (FSDP2) or complex parameters runs eagerly: a custom "
+              "op cannot take DTensors, nor mutate a complex parameter's real view under the compiler")
     try:
         return torch.compiler.disable(fn, reason=reason)
     except TypeError:  # torch before the reason argument
@@ -412,19 +412,19 @@ class LearnedOptimizer(Optimizer):
         devices = {p.device for p, _ in entries}
         if len(devices) > 1:
             raise RuntimeError(f"LearnedOptimizer needs all parameters on one device, got {devices}")
-        if any(_is_dtensor(p) for p, _ in entries):
-            self._step_sharded(entries, loss_value)
+        if any(_is_dtensor(p) or p.is_complex() for p, _ in entries):
+            self._step_eager(entries, loss_value)
             return loss
-        params = [torch.view_as_real(p) if p.is_complex() else p for p, _ in entries]
-        grads = [torch.view_as_real(p.grad) if p.is_complex() else p.grad for p, _ in entries]
-        grads = [-g if group["maximize"] else g for g, (_, group) in zip(grads, entries)]
-        self._run(entries, params, grads, loss_value, None)
+        grads = [-p.grad if group["maximize"] else p.grad for p, group in entries]
+        self._run(entries, [p for p, _ in entries], grads, loss_value, None)
         return loss
 
     @_not_compiled
-    def _step_sharded(self, entries, loss_value) -> None:
-        """The step where some parameters are DTensors: each rank steps its local pieces, with
-        every per-tensor statistic reduced over the shards' process group."""
+    def _step_eager(self, entries, loss_value) -> None:
+        """The step where some parameters are DTensors or complex, outside torch.compile's
+        graphs: each rank steps its local pieces of DTensors, with every per-tensor statistic
+        reduced over the shards' process group; complex parameters step their real views (a
+        view mutated by a custom op is what the compiler's functionalization cannot carry)."""
         params, grads, layout = [], [], []
         for p, group in entries:
             if _is_dtensor(p):
