@@ -95,6 +95,10 @@ class _Work(NamedTuple):
     native: frozenset  # large tensors whose first pass ran in a kernel (the compiled CPU one or Triton)
     kernel: str  # which: "native", "triton" or ""
     grad_scale: Optional[Tensor]  # () factor the gradients are read with (scale_free), None: 1
+    # () bool on the device, or None: True holds everything as it is (a step skipped on the
+    # device for a non-finite gradient, without a host synchronisation): decays 1, lr 0, and the
+    # gradients (read times a grad_scale of 0) sanitised to 0
+    hold: Optional[Tensor] = None
 
 
 def _chunks(work_or_lists, plan: _Plan):
@@ -148,10 +152,13 @@ def _join(parts: List[Tensor]) -> Tensor:
 
 def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_size=None,
                       inplace: bool = False, shard: Optional[Sharding] = None, use_native: bool = True,
-                      use_triton: bool = False, grad_scale: Optional[Tensor] = None):
+                      use_triton: bool = False, grad_scale: Optional[Tensor] = None,
+                      hold: Optional[Tensor] = None):
     """The first pass. ``grad_scale`` (a 0-d tensor, or None for 1): every gradient is read
     multiplied by it, chunk by chunk or inside the kernels, so that no scaled copy of all the
-    gradients is made (``ArchConfig.scale_free``)."""
+    gradients is made (``ArchConfig.scale_free``). ``hold`` (see ``_Work``): the caller also
+    passes a ``grad_scale`` of 0 where it is True; the accumulators are then rewritten with
+    their own values."""
     dev, dt = params[0].device, params[0].dtype
     chunk = chunk_size or default_chunk(dev)
     D = cfg.n_decays
@@ -160,6 +167,9 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     numels = tuple(x.numel() for x in params)
     plan = _plan(numels, chunk, str(dev))
     b = torch.tensor(cfg.decays, dtype=dt, device=dev)
+    if hold is not None:  # decays of 1 keep every accumulator exactly: 1 * m + 0 * 0
+        b = torch.where(hold, torch.ones_like(b), b)
+        use_native = False  # the compiled CPU kernel reads its scalars on the host
     one_b = 1 - b
     n = torch.tensor(numels, dtype=dt, device=dev)
     n64 = n.to(f64)
@@ -193,7 +203,8 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
         order = sorted(native_t)
         r, q, owner = triton_kernels.stats_pass_table([G[t] for t in order], [P[t] for t in order],
                                                       [M[t] for t in order], [V[t] for t in order],
-                                                      amount, cfg.rms_eps, cfg.decays, grad_scale=grad_scale)
+                                                      amount, cfg.rms_eps, cfg.decays if hold is None else b,
+                                                      grad_scale=grad_scale)
         rows.append(r)
         sqs.append(q.to(dt))
         ids.append(torch.tensor(order, dtype=torch.long, device=dev).index_select(0, owner))
@@ -211,6 +222,8 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
             continue
         if grad_scale is not None:
             g = g * grad_scale.to(dt)
+        if hold is not None:  # a held step reads inf * 0 or nan as 0
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         g = torch.clamp(g, -amount, amount)
         # the same operations as the reference, rounding included: a mean of m that nearly
         # cancels makes the log|mean| statistic sensitive to the last bit (no fused addcmul)
@@ -275,7 +288,8 @@ def tensor_statistics(params, grads, mom, rms, amount, cfg: ArchConfig, chunk_si
     raw = combine_rows(R, idx, n64, D)
     scale = column_scale(sq / n.unsqueeze(-1), cfg)
     work = _Work(P, G, M, V, pack, amount, [x.shape for x in params], n, plan, scale, inplace,
-                 (list(params), list(mom), list(rms)), frozenset(native_t), kind if native_t else "", grad_scale)
+                 (list(params), list(mom), list(rms)), frozenset(native_t), kind if native_t else "", grad_scale,
+                 hold)
     return work, raw
 
 
@@ -388,6 +402,8 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
     w_dir, w_mag = wl[:, 0].contiguous(), wl[:, 1].contiguous()
     b_dir, b_mag = bl[0], bl[1]
     lr = _values(lrs, dt, dev)
+    if work.hold is not None:  # lr 0 and decay 1: p * 1 - 0 * step is p exactly
+        lr = torch.where(work.hold, torch.zeros_like(lr), lr)
     decay = 1 - lr * _values(wds, dt, dev)
     rate = cfg.magnitude_rate
     large = {c[0] for c in plan.large}
@@ -446,6 +462,8 @@ def mlp_update(work: _Work, w, consts: Tensor, lrs, wds, cfg: ArchConfig, chunk_
         seg = None if seg is None else seg[0]
         if work.grad_scale is not None:
             g = g * work.grad_scale.to(dt)
+        if work.hold is not None:
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         cols = element_columns(torch.clamp(g, -work.amount, work.amount), p, m, v, cfg)
         if seg is None:
             h = torch.addmm(bias0[t], cols, w0s[t]).relu_()

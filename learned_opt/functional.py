@@ -96,7 +96,7 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
               maximize: bool = False, cfg: Optional[ArchConfig] = None,
               impl: str = "fast", chunk_size: Optional[int] = None, inplace: bool = False,
               shard: Optional[fast.Sharding] = None, native: Optional[bool] = None,
-              triton: Optional[bool] = None):
+              triton: Optional[bool] = None, hold: Optional[Tensor] = None):
     """One learned-optimizer step. Returns ``(new_params, new_state)``.
 
     ``params``/``grads``/``state.tensors`` are aligned lists of real tensors; ``lr`` and
@@ -120,11 +120,20 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     :class:`~learned_opt.LearnedOptimizer` passes for DTensor parameters); every per-tensor
     statistic is then reduced over the group, so each element's update equals a one-process
     step on the whole tensors. Fast path only.
+
+    ``hold`` (a () bool tensor on the parameters' device): where True the step changes nothing,
+    neither the parameters nor the state, and non-finite gradients are read as 0 on the way; the
+    decision stays on the device, so a caller that computes "any gradient non-finite" there
+    skips such a step without a host synchronisation (the decays are 1, the lr 0, the gradients
+    read times 0, the small states kept). Fast path, one process, without the compiled CPU
+    kernel.
     """
     weights, cfg, lrs, wds = _checked(weights, cfg, impl, params, grads, state, lr, weight_decay)
     n = len(params)
     if isinstance(loss, Tensor) and loss.numel() != 1:
         raise ValueError(f"a loss must be a scalar, got shape {tuple(loss.shape)}")
+    if hold is not None and (impl == "reference" or shard is not None):
+        raise ValueError("hold runs on the fast path of one process only (impl='fast', no shard)")
     if impl == "reference":
         if shard is not None:
             raise ValueError("sharded parameters run on the fast path only (impl='fast')")
@@ -145,7 +154,7 @@ def lopt_step(weights: Union[Dict[str, Tensor], "MetaNetwork"], params: Sequence
     new_p, glob, tensors = _orchestrate(passes, weights, [params[i] for i in active], [grads[i] for i in active],
                                         [state.tensors[i] for i in active], state.glob, loss,
                                         [lrs[i] for i in active], [wds[i] for i in active], maximize, cfg, shard,
-                                        scale_in_passes=True)
+                                        scale_in_passes=True, hold=hold)
     out_params, out_tensors = list(params), list(state.tensors)
     for j, i in enumerate(active):
         out_params[i] = new_p[j].to(params[i].dtype)
@@ -214,14 +223,16 @@ def _mean_square(x: Tensor, chunk: int = 1 << 16) -> Tensor:
 
 def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: Optional[Tensor],
                  lrs, wds, maximize: bool, cfg: ArchConfig, shard: Optional[fast.Sharding] = None,
-                 scale_in_passes: bool = False):
+                 scale_in_passes: bool = False, hold: Optional[Tensor] = None):
     """The step of the fast paths, for one optimizer (``glob.step`` of shape ``()``) or a
     population (global fields ``(M,)``, every tensor with the member dimension first): loss
     features, the gradients' scale, the two passes over the elements (``passes``: statistics,
     then MLP and update) around the per-tensor LSTM. Returns the new parameters (compute
     dtype), the new global state and the new tensor states. ``scale_in_passes`` (one optimizer,
     the passes of ``fast``): the passes read the gradients times the ``scale_free`` factor
-    themselves, so that no scaled copy of every gradient is made."""
+    themselves, so that no scaled copy of every gradient is made. ``hold`` (one optimizer, the
+    passes of ``fast``; a () bool tensor): where True the step changes nothing, decided on the
+    device without a host synchronisation (see ``lopt_step``)."""
     lead = glob.step.shape
     k, f64 = len(lead), torch.float64
     dt = compute_dtype(P)
@@ -236,6 +247,7 @@ def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: 
 
     # step 1: the loss features, and the gradients in units of the first one's RMS
     step0, from_lstm0 = glob.step, glob.from_lstm
+    glob_in = glob
     grad_scale = None  # the factor the passes read the gradients with (scale_in_passes)
     if loss is None:
         train_feat = torch.zeros(lead, dtype=f64, device=step0.device)
@@ -250,7 +262,10 @@ def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: 
         glob, factor = gradient_factor(glob, mean_sq, cfg)
         G = [x * factor.to(dt) for x in G]
     elif cfg.scale_free and scale_in_passes and k == 0:
-        if bool((glob.grad_ref == 0).any()):  # the mean square, chunk by chunk: no float64 copies
+        if hold is not None:  # no host synchronisation: the mean square at every step, one multi-tensor norm
+            norms = torch._foreach_norm(G)
+            mean_sq = torch.stack([x.to(f64) ** 2 / max(g.numel(), 1) for x, g in zip(norms, G)]).mean()
+        elif bool((glob.grad_ref == 0).any()):  # the mean square, chunk by chunk: no float64 copies
             mean_sq = torch.stack([_mean_square(x) for x in G]).mean()
         else:
             mean_sq = torch.zeros((), dtype=f64, device=step0.device)  # unused once grad_ref is set
@@ -262,9 +277,13 @@ def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: 
         G = [x * factor.to(dt).reshape(tuple(lead) + (1,) * (x.dim() - k)) for x in G]
     valid_feat = validation_feature(glob, cfg)
     amount = clip_amount(glob, cfg).to(dt)
+    extra = {} if grad_scale is None else {"grad_scale": grad_scale}
+    if hold is not None:  # a held step reads every gradient times 0 (and sanitises inf * 0)
+        scale = torch.ones((), dtype=dt, device=step0.device) if grad_scale is None else grad_scale
+        extra = {"grad_scale": torch.where(hold, torch.zeros_like(scale), scale), "hold": hold}
 
     # steps 2-3: clip, accumulators, per-tensor statistics
-    work, raw = passes[0](P, G, Mo, V, amount, cfg, **({} if grad_scale is None else {"grad_scale": grad_scale}))
+    work, raw = passes[0](P, G, Mo, V, amount, cfg, **extra)
     glob = update_clipper(glob, raw[..., 7] / torch.tensor(numels, dtype=raw.dtype, device=raw.device), cfg)
 
     # step 4: the per-tensor LSTM (a population's biases broadcast over its tensors)
@@ -284,4 +303,10 @@ def _orchestrate(passes, weights, P, G, tensor_states, glob: GlobalState, loss: 
     tensors = [TensorState(mom=new_m[j], rms=new_v[j], lstm_h=h[..., j, :], lstm_c=c[..., j, :],
                            from_mlp=messages[..., j, :]) for j in range(T)]
     glob = glob._replace(step=glob.step + 1, from_lstm=new_from_lstm.to(f64))
+    if hold is not None:  # the per-tensor and global values as they were (the passes kept the rest)
+        glob = GlobalState(*(torch.where(hold, old, new) for old, new in zip(glob_in, glob)))
+        tensors = [s._replace(lstm_h=torch.where(hold, o.lstm_h.to(dt), s.lstm_h),
+                              lstm_c=torch.where(hold, o.lstm_c.to(dt), s.lstm_c),
+                              from_mlp=torch.where(hold, o.from_mlp.to(dt), s.from_mlp))
+                   for s, o in zip(tensors, tensor_states)]
     return new_p, glob, tensors

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -56,13 +56,31 @@ def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms
                lstm_h: List[Tensor], lstm_c: List[Tensor], from_mlp: List[Tensor], glob: List[Tensor],
                skips: Tensor, weights: List[Tensor], weight_names: str, loss: Optional[Tensor],
                lrs: Tensor, wds: Tensor, group_of: List[int], config: str, impl: str, chunk_size: int,
-               shard: Optional[F.Sharding] = None) -> None:
+               shard: Optional[F.Sharding] = None, on_device: Optional[bool] = None) -> None:
     """One step written into the given tensors: ``params`` (real tensors: complex parameters'
-    real views; gradients already negated where a group maximises), the five per-tensor state lists, ``glob`` (the ``GlobalState`` fields in
-    their order) and ``skips`` (the count of skipped steps). If any gradient is not finite, on
+    real views; gradients already negated where a group maximises), the five per-tensor state
+    lists, ``glob`` (the ``GlobalState`` fields in their order) and ``skips`` (the count of
+    skipped steps). If any gradient is not finite, on
     any rank of ``shard``'s group, nothing but ``skips`` changes and a ``RuntimeWarning`` says
     so. ``weight_names``: the weights' names joined by commas. ``lrs``/``wds``: one value per
-    param group, ``group_of`` each tensor's group; ``chunk_size`` 0 for the default."""
+    param group, ``group_of`` each tensor's group; ``chunk_size`` 0 for the default.
+
+    ``on_device`` (default: on a CUDA device, one process, the fast path): the finite check
+    and the skip stay on the device (``lopt_step``'s ``hold``), so the step makes no host
+    synchronisation for them; the warning for a skipped step comes at the next step."""
+    if on_device is None:
+        on_device = params[0].is_cuda and shard is None and impl == "fast"
+    if on_device:
+        _report_held(skips)
+        nonempty = [g for g in grads if g.numel()]
+        finite = (torch.stack([x.isfinite() for x in torch._foreach_norm(nonempty, float("inf"))]).all()
+                  if nonempty else torch.ones((), dtype=torch.bool, device=params[0].device))
+        hold = ~finite
+        skips.add_(hold.to(skips.dtype))
+        _defer_report(skips, hold)
+        _write_step(params, grads, mom, rms, lstm_h, lstm_c, from_mlp, glob, weights, weight_names, loss,
+                    lrs, wds, group_of, config, impl, chunk_size, None, hold)
+        return
     finite = all_finite([g for g in grads if g.numel()])
     if shard is not None:  # every rank skips, or none: each sees only its pieces
         flag = torch.tensor([1.0 if finite else 0.0], device=params[0].device)
@@ -72,18 +90,51 @@ def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms
         warnings.warn(f"LearnedOptimizer: non-finite gradient, step skipped ({int(skips)} so far)",
                       RuntimeWarning, stacklevel=3)
         return
+    _write_step(params, grads, mom, rms, lstm_h, lstm_c, from_mlp, glob, weights, weight_names, loss,
+                lrs, wds, group_of, config, impl, chunk_size, shard, None)
+
+
+def _write_step(params, grads, mom, rms, lstm_h, lstm_c, from_mlp, glob, weights, weight_names, loss,
+                lrs, wds, group_of, config, impl, chunk_size, shard, hold) -> None:
     lr, wd = lrs.tolist(), wds.tolist()
     state = F.LOptState(F.GlobalState(*glob),
                         [F.TensorState(*t) for t in zip(mom, rms, lstm_h, lstm_c, from_mlp)])
     new_params, new_state = F.lopt_step(
         dict(zip(weight_names.split(","), weights)), params, grads, state, loss=loss,
         lr=[lr[i] for i in group_of], weight_decay=[wd[i] for i in group_of], cfg=_config(config), impl=impl,
-        chunk_size=chunk_size or None,
-        inplace=True, shard=shard)
+        chunk_size=chunk_size or None, inplace=True, shard=shard, hold=hold)
     pairs = list(zip(params, new_params)) + list(zip(glob, new_state.glob))
     for dsts, srcs in zip((mom, rms, lstm_h, lstm_c, from_mlp), zip(*new_state.tensors)):
         pairs += zip(dsts, srcs)
     _copy_all(pairs)
+
+
+# a step held on the device: its flag, copied to the host without waiting, is read at the next
+# step of the same optimizer (keyed by its skip counter), when the copy has long finished
+_held: Dict[int, tuple] = {}
+
+
+def _defer_report(skips: Tensor, hold: Tensor) -> None:
+    if hold.device.type == "cuda":
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(hold, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        _held[id(skips)] = (flag, done)
+    else:
+        _held[id(skips)] = (hold.clone(), None)
+
+
+def _report_held(skips: Tensor) -> None:
+    entry = _held.pop(id(skips), None)
+    if entry is None:
+        return
+    flag, done = entry
+    if done is not None:
+        done.synchronize()  # the event of a copy queued one step ago, not the whole stream
+    if bool(flag):
+        warnings.warn(f"LearnedOptimizer: non-finite gradient, the previous step was skipped on the device "
+                      f"({int(skips)} so far)", RuntimeWarning, stacklevel=3)
 
 
 @torch.library.custom_op("learned_opt::step_",

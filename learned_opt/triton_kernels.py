@@ -84,6 +84,7 @@ def _stats_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_p
     b = tl.load(decays_ptr + ds, mask=ok_d, other=0.0)
 
     g = tl.load(g_ptr + rows, mask=ok, other=0.0) * tl.load(gscale_ptr)
+    g = tl.where(g == g, g, 0.0)  # a step held on the device reads its gradients times 0: inf * 0 is 0
     g = tl.minimum(tl.maximum(g, -amount), amount)
     p = tl.load(p_ptr + rows, mask=ok, other=0.0)
     m = tl.load(m_ptr + rows[:, None] * D + ds[None, :], mask=both, other=0.0)
@@ -189,6 +190,7 @@ def _mlp_pass_kernel(g_tab, p_tab, m_tab, v_tab, owner_ptr, first_ptr, numel_ptr
     both = ok[:, None] & ok_d[None, :]
 
     g = tl.load(g_ptr + rows, mask=ok, other=0.0) * tl.load(gscale_ptr)
+    g = tl.where(g == g, g, 0.0)  # a step held on the device reads its gradients times 0: inf * 0 is 0
     g = tl.minimum(tl.maximum(g, -amount), amount)
     p = tl.load(p_ptr + rows, mask=ok, other=0.0)
     m = tl.load(m_ptr + rows[:, None] * D + ds[None, :], mask=both, other=0.0)
