@@ -48,6 +48,10 @@ def _worker(rank, world, port, out, loss_group, mode):
                 loss = closure()
                 opt.step(loss=loss)
         torch.save([p.detach() for p in model.parameters()], os.path.join(out, f"rank{rank}.pt"))
+        # every rank's gloo work done, and DDP's reducer gone, before the group: tearing a
+        # reducer down after its group can deadlock gloo's worker thread on the GIL at exit
+        dist.barrier()
+        del model, opt
     finally:
         dist.destroy_process_group()
 
