@@ -40,7 +40,13 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
         return True
     if bool(torch.stack([x.float() for x in torch._foreach_norm(tensors, 2)]).isfinite().all()):
         return True
-    return bool(torch.stack([x.float() for x in torch._foreach_norm(tensors, float("inf"))]).isfinite().all())
+    return bool(finite_flag(tensors))
+
+
+def finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A () bool tensor on the tensors' device: whether every element is finite, from the
+    exact per-tensor max-abs (no overflow), without reading it on the host."""
+    return torch.stack([x.isfinite() for x in torch._foreach_norm(tensors, float("inf"))]).all()
 
 
 def _copy_all(pairs) -> None:
@@ -73,8 +79,7 @@ def apply_step(params: List[Tensor], grads: List[Tensor], mom: List[Tensor], rms
     if on_device:
         _report_held(skips)
         nonempty = [g for g in grads if g.numel()]
-        finite = (torch.stack([x.isfinite() for x in torch._foreach_norm(nonempty, float("inf"))]).all()
-                  if nonempty else torch.ones((), dtype=torch.bool, device=params[0].device))
+        finite = finite_flag(nonempty) if nonempty else torch.ones((), dtype=torch.bool, device=params[0].device)
         hold = ~finite
         skips.add_(hold.to(skips.dtype))
         _defer_report(skips, hold)
